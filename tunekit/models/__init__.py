@@ -1,0 +1,1 @@
+"""Model and tokenizer loading: base models, the embedded default, tiny builders for tests."""

@@ -1,0 +1,1 @@
+"""Run directories: atomic outputs, run cards, metrics, checkpoints."""
