@@ -19,6 +19,9 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tunekit.quiet import quiet_libraries
+
+        quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except TunekitError as exc:

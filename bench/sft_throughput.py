@@ -1,0 +1,109 @@
+"""tunekit sft vs a plain TRL SFTTrainer script: same model, data, LoRA, steps; side by side in one run.
+
+Each path runs in its own process; we report training tokens/s (non-padding tokens over the training loop's
+wall time), the padding share of the batches, and the process's peak RSS (os.wait4). Data: prompt/completion
+records of mixed lengths (answers of 1 to 60 words), loss on completions only in both paths.
+
+    .venv/bin/python bench/sft_throughput.py [--model smollm2-135m] [--steps 12] [--batch 4] [--max-length 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "alpha beta gamma delta river mountain cloud data model token answer quick brown fox jumps".split()
+
+
+def make_data(path: Path, n: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for i in range(n):
+            k = rng.choice([1, 2, 4, 8, 16, 32, 60])
+            answer = " ".join(rng.choice(WORDS) for _ in range(k))
+            fh.write(json.dumps({"prompt": f"Write {k} words, record {i}.", "completion": answer}) + "\n")
+    return path
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[int, float, str]:
+    """(exit code, peak RSS in MiB of this child alone, stdout)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            sys.stderr.write(err.read()[-3000:])
+        return proc.returncode, usage.ru_maxrss / 1024, out.read()
+
+
+def tunekit_path(args, data: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "tunekit", "sft", "--output", str(out), "--overwrite",
+           "--set", f"model.name={args.model}", "--set", f"data.train={data}", "--set", "data.eval_split=0",
+           "--set", f"data.max_length={args.max_length}", "--set", f"data.packing={str(args.packing).lower()}",
+           "--set", "adapter.method=lora", "--set", f"adapter.r={args.r}", "--set", "adapter.dropout=0",
+           "--set", f"train.max_steps={args.steps}", "--set", f"train.batch_size={args.batch}",
+           "--set", "train.save_steps=0", "--set", "train.logging_steps=1", "--set", "generate.samples=0",
+           "--set", f"train.seed={args.seed}"]
+    code, peak, _ = run_measured(cmd)
+    if code != 0:
+        raise SystemExit(f"tunekit path failed ({code})")
+    card = json.loads((out / "run_card.json").read_text())
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+    return {"tokens": last["tokens_seen"], "seconds": card["train_seconds"], "padding_share": card["padding_share"],
+            "peak_rss_mib": peak}
+
+
+def trl_path(args, data: Path, out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_sft.py"), "--model", args.model, "--data", str(data),
+           "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length",
+           str(args.max_length), "--r", str(args.r), "--seed", str(args.seed)] + (["--packing"] if args.packing else [])
+    code, peak, stdout = run_measured(cmd)
+    if code != 0:
+        raise SystemExit(f"plain TRL path failed ({code})")
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["peak_rss_mib"] = peak
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packing", action="store_true")
+    args = ap.parse_args()
+    if args.model == "smollm2-135m":  # the plain script gets the same cached folder tunekit uses
+        sys.path.insert(0, str(ROOT))
+        from tunekit.models.load import resolve_model_path
+
+        args.model = str(resolve_model_path("smollm2-135m"))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp) / "mixed.jsonl")
+        rows = {"plain TRL SFTTrainer": trl_path(args, data, Path(tmp) / "trl"),
+                "tunekit sft": tunekit_path(args, data, Path(tmp) / "tk")}
+    print(f"\nmodel {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}, "
+          f"max_length {args.max_length}, packing={args.packing}")
+    print("| path | tokens | train s | tokens/s | padding share | peak RSS MiB |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        tps = r["tokens"] / r["seconds"]
+        r["tokens_per_s"] = tps
+        print(f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {tps:.1f} | {100 * r['padding_share']:.1f}% "
+              f"| {r['peak_rss_mib']:.0f} |")
+    a, b = rows["tunekit sft"]["tokens_per_s"], rows["plain TRL SFTTrainer"]["tokens_per_s"]
+    print(f"tunekit tokens/s relative to plain TRL: {a / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()

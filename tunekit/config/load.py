@@ -1,0 +1,190 @@
+"""Load a recipe: YAML file → `--set` overrides → validated `Recipe`, or one line naming the bad key.
+
+Errors carry the YAML line of the offending key (`recipe.yaml:12: ...`) and a "did you mean" for typos.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunekit.config.schema import Recipe
+from tunekit.errors import TunekitError
+
+
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X`, `X | None`, `list[X]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _field_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. `adapter.r`, `data.train.weight`."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _field_model(field.annotation)
+        if sub is not None:
+            keys.extend(all_keys(sub, dotted + "."))
+    return keys
+
+
+def suggest(key: str, valid: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the closest valid key, or ``."""
+    valid = list(valid)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not match:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+        leaf_match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        match = [by_leaf[leaf_match[0]]] if leaf_match else []
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            lines[dotted] = key_node.start_mark.line + 1
+            _compose_lines(value_node, dotted + ".", lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[f"{prefix}{i}"] = item.start_mark.line + 1
+            _compose_lines(item, f"{prefix}{i}.", lines)
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML mapping; also return dotted key → line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunekitError(f"recipe '{path}' not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TunekitError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TunekitError(f"{path}: a recipe must be a mapping of sections (model, data, adapter, train, ...)")
+    lines: dict[str, int] = {}
+    if node is not None:
+        _compose_lines(node, "", lines)
+    return data, lines
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings → (key, YAML-parsed value). `x=[a, b]`, `x=true`, `x=1e-4` work as in YAML."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise TunekitError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    valid = all_keys()
+    # a key is valid if it is a schema key, or an index into a list of sources (data.train.0.weight)
+    generic = ".".join(p for p in key.split(".") if not p.isdigit())
+    if generic not in valid:
+        raise TunekitError(f"--set {key}: unknown key{suggest(generic, valid)}")
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = [] if parts[i + 1].isdigit() else {}
+            node[part] = nxt
+        elif not isinstance(nxt, (dict, list)):
+            raise TunekitError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _loc_to_key(loc: tuple[Any, ...]) -> str:
+    # pydantic adds union member tags (e.g. 'list[DataSource]', 'str') to locations; drop them.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
+    return ".".join(parts)
+
+
+def validate(data: Mapping[str, Any], source: str = "recipe", lines: Mapping[str, int] | None = None) -> Recipe:
+    """Validate a recipe mapping; raise TunekitError naming the first bad key (with its line)."""
+    lines = lines or {}
+    try:
+        return Recipe.model_validate(dict(data))
+    except ValidationError as exc:
+        # For unions (data.train: str | list[...]) pydantic reports every branch; the deepest one is meant.
+        errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
+        err = errors[0]
+        key = _loc_to_key(err["loc"])
+        line = lines.get(key)
+        where = f"{source}:{line}" if line else source
+        if err["type"] == "extra_forbidden":
+            generic = ".".join(p for p in key.split(".") if not p.isdigit())
+            raise TunekitError(f"{where}: unknown key '{key}'{suggest(generic, all_keys())}") from None
+        msg = err["msg"]
+        if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        if not key:
+            raise TunekitError(f"{where}: {msg}") from None
+        raise TunekitError(f"{where}: key '{key}': {msg}") from None
+
+
+def load_recipe(
+    path: str | Path | None,
+    overrides: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> Recipe:
+    """Read `path` (optional), apply `--set` overrides, validate. `defaults` seeds keys the file does not set."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "recipe"
+    if defaults:
+        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    if path is not None:
+        file_data, lines = read_yaml(path)
+        source = str(path)
+        for k, v in file_data.items():
+            if isinstance(v, dict) and isinstance(data.get(k), dict):
+                data[k] = {**data[k], **v}
+            else:
+                data[k] = v
+    for key, value in parse_overrides(overrides):
+        _apply_override(data, key, value)
+        lines.pop(key, None)
+    return validate(data, source, lines)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every key, defaults included)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

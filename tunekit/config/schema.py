@@ -1,0 +1,170 @@
+"""The recipe schema: the single source of truth for YAML keys, `--set` overrides and `--print-config`.
+
+Every section forbids unknown keys, so a typo is an error (with a "did you mean" suggestion), never ignored.
+Later stages (rm, dpo, grpo, ppo, cai) add their own section next to `train`; the shared sections stay.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m", description="Hub id, local folder, or the alias `smollm2-135m`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; `auto` = bf16 on GPUs that support it, else fp32."
+    )
+    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes); with an adapter = QLoRA.")
+    load_in_8bit: bool = Field(False, description="Load the base in 8-bit (bitsandbytes LLM.int8).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_double_quant: bool = Field(True, description="Quantize the 4-bit scales too (QLoRA's double quant).")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Off unless asked.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="`auto` = sdpa (flash_attention_2 when installed on a GPU)."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Override the chat template: a name (`chatml`), a .jinja file or a template string. "
+        "Default: the tokenizer's own, else `chatml`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> ModelConfig:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.load_in_4bit and model.load_in_8bit are mutually exclusive")
+        return self
+
+
+class DataSource(Section):
+    path: str = Field(description="Local file/folder (jsonl, json, csv, parquet) or a hub dataset id.")
+    format: DataFormat | None = Field(None, description="Record format; default: `data.format`.")
+    weight: float = Field(1.0, gt=0, description="Sampling multiplier: 2.0 = every record twice, 0.5 = half.")
+    split: str = Field("train", description="Split of a hub dataset.")
+    name: str | None = Field(None, description="Config name of a hub dataset.")
+
+
+class DataConfig(Section):
+    train: str | list[DataSource] | None = Field(None, description="Training data: a path/hub id or a list of sources.")
+    eval: str | list[DataSource] | None = Field(None, description="Held-out data; default: carved off `train`.")
+    eval_split: float = Field(
+        0.05, ge=0, description="Eval records carved off train when `eval` is unset: a fraction (<1) or a count."
+    )
+    max_eval_samples: int | None = Field(256, ge=1, description="Cap on eval records (None = all).")
+    format: DataFormat = Field("auto", description="Record format of every source that names none.")
+    max_length: int = Field(1024, ge=8, description="Maximum tokens per example.")
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    packing: bool = Field(False, description="Pack examples into max_length rows, padding-free, no cross attention.")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="Loss on assistant tokens or all tokens.")
+    system_prompt: str | None = Field(None, description="System message prepended to conversations that lack one.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training records (after mixing).")
+    seed: int | None = Field(None, description="Shuffle/split seed; default: train.seed.")
+
+
+class SVFTConfig(Section):
+    """SVFT (Lingam et al., 2024): W' = U (Σ + M) V^T, only the sparse M trains."""
+
+    pattern: Literal["plain", "banded", "random", "top_k"] = Field(
+        "plain",
+        description="Sparsity of M: `plain` = diagonal (n per module), `banded` = 2d+1 diagonals, "
+        "`random` = k random entries per row, `top_k` = dense k x k among the top k singular vectors.",
+    )
+    d: int = Field(1, ge=0, description="`banded`: off-diagonals on EACH side of the diagonal (2d+1 in all).")
+    k: int = Field(4, ge=1, description="`random`: entries per row of M; `top_k`: singular vectors (k² entries).")
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the top `rank` singular vectors (n = min(rank, d_out, d_in)) to save memory; "
+        "the rest of W stays frozen. Default: all (n = min(d_out, d_in)).",
+    )
+    seed: int = Field(0, description="`random`: seed of the pattern (saved with the adapter).")
+
+
+class AdapterConfig(Section):
+    method: Literal["none", "lora", "dora", "pissa", "milora", "lora_xs", "svft"] = Field(
+        "lora",
+        description="`none` = full fine-tuning; lora, dora, pissa, milora (LoRA-family, rank `r`), lora_xs "
+        "(r x r per module), svft (see `adapter.svft`). With model.load_in_4bit any of them is QLoRA-style.",
+    )
+    r: int = Field(16, ge=1, description="Rank.")
+    alpha: float | None = Field(None, description="Scale numerator; default 2·r. Update scale = alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    targets: str | list[str] = Field("all-linear", description="`all-linear` or module names (q_proj, ...).")
+    rslora: bool = Field(False, description="Rank-stabilised scale alpha/sqrt(r) (Kalajdzievski 2023).")
+    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full (e.g. lm_head).")
+    svd_niter: int | None = Field(
+        None,
+        ge=0,
+        description="pissa, lora_xs: fast randomized SVD with this many subspace iterations (PiSSA's "
+        "`pissa_niter_N`); default: exact SVD. Not for milora/svft (they need the full spectrum).",
+    )
+    lora_xs_init_std: float = Field(
+        1e-5, ge=0, description="lora_xs: std of R's Gaussian init (the paper's 1e-5); 0 = zeros (exact init)."
+    )
+    svft: SVFTConfig = Field(default_factory=SVFTConfig, description="SVFT options (method: svft).")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+    @model_validator(mode="after")
+    def _svd_niter_only_where_it_helps(self) -> AdapterConfig:
+        if self.svd_niter is not None and self.method in ("milora", "svft"):
+            raise ValueError(
+                f"adapter.svd_niter: the fast SVD finds only the principal components; {self.method} needs "
+                "the full spectrum (leave svd_niter unset)"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = use epochs.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps = -1).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (linear, cosine, constant, ...).")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    batch_size: int = Field(4, ge=1, description="Examples (or packed rows) per device per micro-step.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Default: batch_size.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    seed: int = Field(42, description="Seed for init, data order and dropout.")
+    save_steps: int = Field(100, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end only).")
+    logging_steps: int = Field(1, ge=1, description="Log loss/lr/tokens-per-s every N steps.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, paged_adamw_8bit, ...).")
+    report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow, trackio.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [] if v in ("", "none") else [v]
+        return v
+
+
+class GenerateConfig(Section):
+    samples: int = Field(4, ge=0, description="Sample generations written to the run directory.")
+    max_new_tokens: int = Field(64, ge=1, description="Length budget of each sample generation.")
+    prompts: list[str] | None = Field(None, description="Prompts for samples; default: eval prompts.")
+
+
+class Recipe(Section):
+    stage: Literal["sft"] = Field("sft", description="Which stage this recipe is for.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")

@@ -1,0 +1,1 @@
+"""Data: sources → records (with file:line provenance) → canonical formats → tokens → batches."""

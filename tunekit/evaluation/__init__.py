@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on assistant tokens and exact match of greedy generations."""

@@ -1,0 +1,124 @@
+"""What every training stage shares: output checks, dry runs, model+adapter loading, Trainer arguments,
+and writing the finished run directory. A new stage (dpo, grpo, ppo, ...) is its data + trainer over these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunekit.adapters import AttachContext, attach, count_trainable, save_adapter
+from tunekit.config.load import dump_recipe
+from tunekit.config.schema import Recipe
+from tunekit.console import console
+from tunekit.models.load import build_meta_model, device_type, load_model, load_tokenizer, resolve_dtype
+from tunekit.run.callbacks import MetricsCallback, ProgressCallback
+from tunekit.run.plot import plot_loss
+from tunekit.run.rundir import RunDir, default_output
+
+
+@dataclass
+class StageResult:
+    """A finished stage: its run directory, and the trained model and tokenizer still in memory."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    metrics: dict[str, Any]
+
+
+def output_of(recipe: Recipe) -> Path:
+    return Path(recipe.output) if recipe.output else default_output(recipe.stage)
+
+
+def dry_run(recipe: Recipe) -> int:
+    """Resolve the recipe and count trainable parameters on the meta device (config.json only, no weights)."""
+    model = build_meta_model(recipe.model)
+    ctx = AttachContext(quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit, meta=True)
+    model = attach(model, recipe.adapter, ctx)
+    trainable, total = count_trainable(model)
+    print(dump_recipe(recipe), end="")
+    print(f"total parameters: {total}")
+    print(f"trainable parameters: {trainable}")
+    return trainable
+
+
+def load_trainable(recipe: Recipe):
+    """(tokenizer, model ready to train). Tokens added by the chat template get trainable embedding rows."""
+    tok = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, tok)
+    new_ids = getattr(model, "tunekit_new_token_ids", [])
+    ctx = AttachContext(
+        quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        new_token_ids=new_ids,
+    )
+    model = attach(model, recipe.adapter, ctx)
+    trainable, total = count_trainable(model)
+    console.print(f"model: {recipe.model.name} ({total:,} parameters; {trainable:,} trainable, "
+                  f"{100 * trainable / max(total, 1):.2f}%) dtype {resolve_dtype(recipe.model)} on {device_type()}")
+    return tok, model
+
+
+def training_arguments(recipe: Recipe, run: RunDir, **overrides: Any):
+    """transformers TrainingArguments from the recipe's `train` section."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    cuda = device_type() == "cuda"
+    bf16 = cuda and resolve_dtype(recipe.model) == torch.bfloat16
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run.checkpoints),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        optim=t.optim,
+        report_to=t.report_to or "none",
+        bf16=bf16,
+        use_cpu=not cuda and device_type() != "mps",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+    )
+    kwargs.update(overrides)
+    if "tensorboard" in t.report_to:
+        import os
+
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.path / "tensorboard"))
+    return TrainingArguments(**kwargs)
+
+
+def standard_callbacks(run: RunDir, collator: Any) -> list:
+    return [ProgressCallback(collator), MetricsCallback(run.path / "metrics.jsonl", collator)]
+
+
+def save_outputs(recipe: Recipe, run: RunDir, model: Any, tok: Any) -> Path:
+    """Final adapter (PEFT layout) or full model, with the tokenizer beside it; loss plot."""
+    target = run.path / ("model" if recipe.adapter.method == "none" else "adapter")
+    save_adapter(model, recipe.adapter, target)
+    tok.save_pretrained(target)
+    plot_loss(run.path / "metrics.jsonl", run.path / "loss.png")
+    return target
+
+
+def write_recipe(recipe: Recipe, run: RunDir) -> None:
+    run.write_text("recipe.yaml", dump_recipe(recipe))
