@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.tunekit-installed
 LLAMA      := $(VENV)/.tunekit-llama
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install install-llama demo test lint bench clean
+.PHONY: install install-llama demo test lint bench bench-quantize bench-merge bench-adapters clean
 
 install: $(STAMP)
 
@@ -40,6 +40,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/sft_throughput.py
+	$(PY) bench/sft_throughput.py --packing
+
+bench-quantize: $(STAMP) $(LLAMA)
+	$(PY) bench/quantize.py
+
+bench-merge: $(STAMP)
+	$(PY) bench/merge.py
+
+bench-adapters: $(STAMP)
+	$(PY) bench/adapters.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -49,8 +49,11 @@ def test_adapter_run_reloads_in_plain_peft(tmp_path, tiny_model_dir, qa_file, me
 
     from tunekit.stages.sft import run_sft
 
-    result = run_sft(_recipe(tiny_model_dir, qa_file, tmp_path / "run", f"adapter.method={method}"))
+    extra = ["train.report_to=[tensorboard]"] if method == "lora" else []
+    result = run_sft(_recipe(tiny_model_dir, qa_file, tmp_path / "run", f"adapter.method={method}", *extra))
     run = result.path
+    if method == "lora":
+        assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "tensorboard logged nothing"
     for name in ("recipe.yaml", "run_card.json", "metrics.jsonl", "loss.png", "samples.jsonl",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name

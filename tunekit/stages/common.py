@@ -100,10 +100,10 @@ def training_arguments(recipe: Recipe, run: RunDir, **overrides: Any):
         dataloader_num_workers=t.dataloader_workers,
     )
     kwargs.update(overrides)
-    if "tensorboard" in t.report_to:
+    if "tensorboard" in t.report_to:  # transformers 5 reads the log folder from this variable only
         import os
 
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.path / "tensorboard"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tensorboard")
     return TrainingArguments(**kwargs)
 
 

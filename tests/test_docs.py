@@ -1,0 +1,34 @@
+"""The README stays honest: it starts with the two commands, documents every recipe key and every command."""
+
+from __future__ import annotations
+
+import re
+
+from tests.helpers import ROOT, run_cli
+from tunekit.config.load import all_keys
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_starts_with_the_two_commands():
+    text = _readme()
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make demo", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_documents_every_recipe_key():
+    text = _readme()
+    missing = [k for k in all_keys() if f"`{k}`" not in text and f"`{k.replace('train.', 'train[].', 1)}`" not in text
+               and not any(f"`{k.replace(p + '.', p + '[].', 1)}`" in text for p in ("data.train", "data.eval"))]
+    assert not missing, f"README.md lacks recipe keys: {missing}"
+
+
+def test_readme_documents_every_command():
+    res = run_cli("--help")
+    commands = re.findall(r"│ (\w+)\s{2,}", res.stdout)
+    assert commands, res.stdout
+    for cmd in commands:
+        assert f"`tunekit {cmd}" in _readme(), cmd

@@ -1,0 +1,182 @@
+"""llama.cpp through llama-cpp-python (the `llama` extra): K-quant / IQ quantization, importance matrices,
+and running a GGUF (logits, perplexity) for tests and `--verify`.
+
+Quantization calls llama.cpp's own `llama_model_quantize` on an F32/F16 GGUF we wrote with gguf-py. The
+importance matrix is computed here (llama.cpp's `llama-imatrix` tool is not in the wheel): for every
+linear layer the mean of squared inputs per input column, E[x_j²] over calibration tokens, which is what
+llama.cpp's quantizer weighs each column's rounding error by. It is handed over in memory as
+`llama_model_imatrix_data` entries keyed by GGUF tensor name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunekit.errors import TunekitError
+
+INSTALL_HINT = (
+    "install llama-cpp-python: `pip install 'tunekit[llama]'` "
+    "(or `make install-llama`; it compiles llama.cpp, ~8 min on 2 cores)"
+)
+
+# --type name → llama_ftype constant in llama_cpp (K-quants and IQ types: llama.cpp's quantizer only).
+LLAMA_TYPES = {
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "Q2_K_S": "LLAMA_FTYPE_MOSTLY_Q2_K_S",
+    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "IQ1_S": "LLAMA_FTYPE_MOSTLY_IQ1_S",
+    "IQ1_M": "LLAMA_FTYPE_MOSTLY_IQ1_M",
+    "IQ2_XXS": "LLAMA_FTYPE_MOSTLY_IQ2_XXS",
+    "IQ2_XS": "LLAMA_FTYPE_MOSTLY_IQ2_XS",
+    "IQ2_S": "LLAMA_FTYPE_MOSTLY_IQ2_S",
+    "IQ2_M": "LLAMA_FTYPE_MOSTLY_IQ2_M",
+    "IQ3_XXS": "LLAMA_FTYPE_MOSTLY_IQ3_XXS",
+    "IQ3_XS": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
+    "IQ3_S": "LLAMA_FTYPE_MOSTLY_IQ3_S",
+    "IQ3_M": "LLAMA_FTYPE_MOSTLY_IQ3_M",
+    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+}
+# llama.cpp refuses these without an importance matrix (tensor_requires_imatrix in llama-quant.cpp).
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
+# IQ types and low-bit K-quants gain most from one; we use calibration data whenever it is given.
+WANTS_IMATRIX = NEEDS_IMATRIX | {
+    "Q2_K",
+    "Q3_K_S",
+    "Q3_K_M",
+    "Q3_K_L",
+    "IQ3_XS",
+    "IQ3_S",
+    "IQ3_M",
+    "IQ4_NL",
+    "IQ4_XS",
+}
+
+
+def require_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise TunekitError(f"llama-cpp-python is not installed; {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+def compute_imatrix(
+    model_folder: str | Path, texts: list[str], max_length: int = 512
+) -> dict[str, np.ndarray]:
+    """Importance matrix from calibration text: for each linear layer, E[x_j²] per input column j
+    (as llama.cpp's imatrix tool: sum of squared activations divided by the token count), keyed by the
+    GGUF name of its weight."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunekit.quantize.gguf_writer import hf_to_gguf_names
+
+    names = hf_to_gguf_names(Path(model_folder))
+    tok = AutoTokenizer.from_pretrained(model_folder)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for mod_name, mod in model.named_modules():
+        gname = names.get(f"{mod_name}.weight")
+        if not isinstance(mod, torch.nn.Linear) or gname is None:
+            continue
+
+        def hook(_m: Any, inputs: tuple, _out: Any, gname: str = gname) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[gname] = sums.get(gname, 0) + (x * x).sum(0)
+            counts[gname] = counts.get(gname, 0) + x.shape[0]
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tok(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+                if ids.shape[1] > 0:
+                    model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not sums:
+        raise TunekitError("calibration produced no activations (empty calibration texts?)")
+    return {k: (v / counts[k]).float().numpy() for k, v in sums.items()}
+
+
+def llama_quantize(
+    src: str | Path,
+    dst: str | Path,
+    qtype: str,
+    imatrix: dict[str, np.ndarray] | None = None,
+    nthread: int | None = None,
+) -> None:
+    """Quantize GGUF `src` (F32/F16/BF16) to `dst` with llama.cpp's `llama_model_quantize`."""
+    llama_cpp = require_llama_cpp()
+    qtype = qtype.upper()
+    if qtype not in LLAMA_TYPES:
+        raise TunekitError(f"unknown llama.cpp quant type {qtype!r}; known: {', '.join(LLAMA_TYPES)}")
+    if qtype in NEEDS_IMATRIX and not imatrix:
+        raise TunekitError(f"--type {qtype} needs an importance matrix: pass --calibration DATASET")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_TYPES[qtype])
+    params.nthread = nthread or os.cpu_count() or 1
+    keep: list[Any] = []  # keep ctypes buffers alive during the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None  # terminator
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise TunekitError(f"llama.cpp could not quantize '{src}' to {qtype} (return code {rc})")
+
+
+def load(
+    path: str | Path, n_ctx: int = 512, vocab_only: bool = False, logits_all: bool = True, kv_f32: bool = True
+) -> Any:
+    """Open a GGUF with llama.cpp (CPU). `kv_f32` keeps the KV cache in F32 (llama.cpp's default is F16,
+    which alone moves logits by ~1e-3) so measured differences come from the weights."""
+    llama_cpp = require_llama_cpp()
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
+    return llama_cpp.Llama(
+        **kv,
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        logits_all=logits_all,
+        vocab_only=vocab_only,
+        n_threads=os.cpu_count() or 1,
+        verbose=False,
+    )
+
+
+def tokenize(llm: Any, text: str) -> list[int]:
+    """llama.cpp's tokenization of `text`, special tokens parsed, no BOS added."""
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+def logits(llm: Any, ids: list[int]) -> np.ndarray:
+    """Logits [len(ids), vocab] of one sequence (len(ids) <= n_ctx), from a fresh KV cache."""
+    llm.reset()
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
