@@ -29,6 +29,9 @@ def _is_model_folder(p: Path) -> bool:
 def _resolve_name(name: str) -> Path:
     from tunekit.models.load import resolve_model_path
 
+    path = Path(name).expanduser()
+    if path.exists():  # a model, adapter or run folder
+        return path
     resolved = Path(resolve_model_path(name))
     if not resolved.exists():
         raise TunekitError(f"source '{name}' is neither a local path nor a known model alias")

@@ -113,10 +113,12 @@ def quantize_w4a16(
 
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
     else:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
         _allow_cpu_only_awq()
-        recipe = AWQModifier(config_groups=groups, ignore=["lm_head"])
+        # llmcompressor 0.14: AWQ is a smoothing transform; the W4A16 scheme comes from a QuantizationModifier.
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
 
     from llmcompressor import oneshot
 
