@@ -57,9 +57,8 @@ def tunekit_path(args, data: Path, out: Path) -> dict:
     if code != 0:
         raise SystemExit(f"tunekit path failed ({code})")
     card = json.loads((out / "run_card.json").read_text())
-    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
-    return {"tokens": last["tokens_seen"], "seconds": card["train_seconds"], "padding_share": card["padding_share"],
-            "peak_rss_mib": peak}
+    return {"tokens": card["train_loop_tokens"], "seconds": card["train_loop_seconds"],
+            "padding_share": card["padding_share"], "peak_rss_mib": peak}
 
 
 def trl_path(args, data: Path, out: Path) -> dict:

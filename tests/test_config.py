@@ -89,3 +89,13 @@ def test_help_and_version():
     for cmd in commands:
         sub = run_cli(cmd, "--help")
         assert sub.returncode == 0 and "Usage" in sub.stdout, cmd
+
+
+def test_every_bundled_recipe_is_valid():
+    from tests.helpers import ROOT
+
+    recipes = sorted((ROOT / "recipes").glob("sft-*.yaml"))
+    assert len(recipes) >= 9
+    for path in recipes:
+        r = load_recipe(path)
+        assert r.stage == "sft" and r.model.name == "smollm2-135m", path

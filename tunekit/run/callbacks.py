@@ -20,6 +20,13 @@ class MetricsCallback(TrainerCallback):
         self.collator = collator
         self._t0 = None
         self._tokens0 = 0
+        self.loop_seconds: float | None = None  # on_train_begin → on_train_end, for the run card
+        self.loop_tokens = 0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.loop_seconds = time.perf_counter() - self._t0
+            self.loop_tokens = getattr(self.collator, "real_tokens", 0) - self._tokens0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()

@@ -39,13 +39,14 @@ def run_sft(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> co
         run.write_json("run_card.json", card)
         # 4. Trainer.
         collator = SFTCollator(tok.pad_token_id, padding_free=recipe.data.packing)
+        callbacks = common.standard_callbacks(run, collator)
         trainer = Trainer(
             model=model,
             args=common.training_arguments(recipe, run),
             train_dataset=data.train,
             eval_dataset=data.eval,
             data_collator=collator,
-            callbacks=common.standard_callbacks(run, collator),
+            callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its prints
         checkpoint = run.latest_checkpoint() if resume else None
@@ -66,6 +67,8 @@ def run_sft(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> co
         card.update(
             finished=True,
             train_seconds=round(train_seconds, 2),
+            train_loop_seconds=round(callbacks[-1].loop_seconds or 0.0, 3),
+            train_loop_tokens=callbacks[-1].loop_tokens,
             global_step=trainer.state.global_step,
             metrics=metrics,
             padding_share=round(collator.padding_share, 4),
