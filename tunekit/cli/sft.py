@@ -11,7 +11,9 @@ from tunekit.cli.common import user_errors
 
 def register(app: typer.Typer) -> None:
     app.command(
-        "sft", help="Supervised fine-tuning from a YAML recipe: full, LoRA, DoRA, PiSSA, MiLoRA, LoRA-XS, SVFT; QLoRA with a 4-bit base."
+        "sft",
+        help="Supervised fine-tuning from a YAML recipe: full, LoRA, DoRA, PiSSA, MiLoRA, LoRA-XS, SVFT; "
+        "QLoRA with a 4-bit base.",
     )(sft)
 
 
