@@ -135,6 +135,13 @@ def test_adapter_sum_adds_trainable_tensors(name, tiny_model_dir, tmp_path):
     for n in ds:
         torch.testing.assert_close(ds[n], 0.7 * d1[n] + 0.3 * d2[n], rtol=1e-4, atol=1e-6)
     assert ds[n].abs().max() > 0
+    if name == "lora_xs":  # the plain-LoRA export is rebuilt for the sum (not copied from adapter a)
+        from peft import PeftModel
+
+        with torch.no_grad():
+            want = summed(batch(7)).logits
+            got = PeftModel.from_pretrained(load(tiny_model_dir), out / "peft_lora")(batch(7)).logits
+        assert (got - want).abs().max().item() < 1e-4
 
 
 def test_other_base_is_refused(trained, tiny_model_dir_b, tmp_path):

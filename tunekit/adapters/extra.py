@@ -22,6 +22,7 @@ def register_merge_types() -> None:
             config_file=lora_xs.CONFIG,
             weights_file=lora_xs.WEIGHTS,
             ignore_config_keys=ignore,
+            finalize=lora_xs.export_peft_lora,  # the summed R needs a fresh plain-LoRA export
         )
     )
     register_adapter_type(
@@ -37,7 +38,4 @@ def register_merge_types() -> None:
     )
 
 
-try:
-    register_merge_types()
-except ImportError:  # tunekit.merge absent: adapters still work, merging them is unavailable
-    pass
+register_merge_types()

@@ -54,6 +54,8 @@ class AdapterType:
       means the kind cannot be summed, and `sum_refusal` says why.
     weights_file: the adapter's tensor file inside its folder.
     ignore_config_keys: config keys that may differ between adapters being summed.
+    finalize(folder): called on a freshly summed adapter folder before it is renamed into place, to rebuild
+      derived files (e.g. LoRA-XS's plain-LoRA export, which a sum makes stale).
     """
 
     name: str
@@ -64,6 +66,7 @@ class AdapterType:
     config_file: str = ADAPTER_CONFIG
     weights_file: str = ADAPTER_WEIGHTS
     ignore_config_keys: tuple[str, ...] = ("inference_mode", "peft_version", "revision")
+    finalize: Callable[[Path], Any] | None = None
 
 
 _ADAPTER_TYPES: list[AdapterType] = []
@@ -481,5 +484,7 @@ def sum_adapters(
         (tmp / "README.md").write_text(
             f"# adapter_sum\n\nMade with `tunekit merge` (adapter_sum): {summary}\n"
         )
+        if kind.finalize is not None:
+            kind.finalize(tmp)
     log(f"summed {len(adapters)} {kind.name} adapters -> {output}")
     return output
