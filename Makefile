@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) -m tunekit.demo
 
 test: $(STAMP) $(LLAMA)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=20 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check tunekit tests bench
