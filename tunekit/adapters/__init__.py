@@ -39,6 +39,7 @@ class AdapterMethod:
 
 
 REGISTRY: dict[str, AdapterMethod] = {}
+_BUILTINS_LOADED = False
 
 
 def register(name: str, description: str = "", save: Callable | None = None):
@@ -64,8 +65,7 @@ def _load_builtin() -> None:
 
 
 def get_method(name: str) -> AdapterMethod:
-    if not REGISTRY:
-        _load_builtin()
+    _load_builtin()
     if name not in REGISTRY:
         raise TunekitError(f"adapter.method: unknown method '{name}' (known: {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name]
@@ -119,8 +119,7 @@ def register_loader(fn: Callable[[Any, Path], Any | None]) -> Callable:
 
 def load_adapter(model: Any, adapter_dir: Path) -> Any:
     """Apply a saved adapter to a loaded base: tunekit formats first (registered loaders), else plain PEFT."""
-    if not REGISTRY:
-        _load_builtin()
+    _load_builtin()
     for loader in LOADERS:
         loaded = loader(model, Path(adapter_dir))
         if loaded is not None:

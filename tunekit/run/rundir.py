@@ -28,7 +28,7 @@ class RunDir:
 
     @classmethod
     def prepare(cls, output: str | Path, overwrite: bool = False, resume: bool = False) -> RunDir:
-        """Check the output before any work; create (or reuse, with resume) the `.partial` folder."""
+        """Check the output before any work; nothing is created until `create()` (after data and model load)."""
         final = Path(output)
         work = partial_path(final)
         if resume:
@@ -41,14 +41,19 @@ class RunDir:
             return cls(final, work, True)
         if final.exists() and not overwrite:
             raise TunekitError(f"output '{final}' already exists; pass --overwrite to replace it")
-        if work.exists():
-            if not overwrite:
-                raise TunekitError(
-                    f"an interrupted run exists at '{work}'; pass --resume to continue it or --overwrite to restart"
-                )
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+        if work.exists() and not overwrite:
+            raise TunekitError(
+                f"an interrupted run exists at '{work}'; pass --resume to continue it or --overwrite to restart"
+            )
         return cls(final, work, False)
+
+    def create(self) -> None:
+        """Make the `.partial` folder (a fresh one unless resuming; --overwrite discards an interrupted one)."""
+        if self.resuming:
+            return
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
 
     @property
     def checkpoints(self) -> Path:

@@ -44,9 +44,9 @@ def dry_run(recipe: Recipe) -> int:
     return trainable
 
 
-def load_trainable(recipe: Recipe):
+def load_trainable(recipe: Recipe, tok: Any = None):
     """(tokenizer, model ready to train). Tokens added by the chat template get trainable embedding rows."""
-    tok = load_tokenizer(recipe.model)
+    tok = tok if tok is not None else load_tokenizer(recipe.model)
     model = load_model(recipe.model, tok)
     new_ids = getattr(model, "tunekit_new_token_ids", [])
     ctx = AttachContext(

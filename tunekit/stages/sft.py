@@ -26,14 +26,15 @@ def run_sft(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> co
 
     # 1. Output: fail before any work if it exists (or an interrupted run is in the way).
     run = RunDir.prepare(common.output_of(recipe), overwrite=overwrite, resume=resume)
+    set_seed(recipe.train.seed)
+    # 2. Data first: a bad record fails in seconds, before the model loads. Nothing is written until 3 is done.
+    tok = load_tokenizer(recipe.model)
+    data = build_sft_data(recipe.data, tok, recipe.train.seed)
+    console.print(data.stats.summary())
+    # 3. Model and adapter.
+    tok, model = common.load_trainable(recipe, tok)
+    run.create()
     try:
-        set_seed(recipe.train.seed)
-        # 2. Data first: a bad record fails in seconds, before the model loads.
-        tok = load_tokenizer(recipe.model)
-        data = build_sft_data(recipe.data, tok, recipe.train.seed)
-        console.print(data.stats.summary())
-        # 3. Model and adapter.
-        tok, model = common.load_trainable(recipe)
         common.write_recipe(recipe, run)
         card = run_card("sft", recipe.train.seed, data.stats.fingerprint, {"data": data.stats.__dict__})
         run.write_json("run_card.json", card)
