@@ -18,11 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = [("gguf", "Q8_0"), ("gguf", "Q4_K_M"), ("gptq", "W4A16")]
+# (format, type, calibration): a calibration for a K-quant adds llama.cpp's importance matrix.
+CONFIGS = [("gguf", "Q8_0", None), ("gguf", "Q4_K_M", None), ("gguf", "Q4_K_M", "builtin"), ("gptq", "W4A16", None)]
 
 
-def run(source: str, fmt: str, qtype: str, out_dir: Path, samples: int) -> dict:
-    out = out_dir / (f"model-{qtype}.gguf" if fmt == "gguf" else f"model-{fmt}")
+def run(source: str, fmt: str, qtype: str, out_dir: Path, samples: int, calibration: str | None = None) -> dict:
+    suffix = "-imatrix" if calibration else ""
+    out = out_dir / (f"model-{qtype}{suffix}.gguf" if fmt == "gguf" else f"model-{fmt}")
     cmd = [
         sys.executable,
         "-m",
@@ -39,7 +41,7 @@ def run(source: str, fmt: str, qtype: str, out_dir: Path, samples: int) -> dict:
         "--samples",
         str(samples),
         "--overwrite",
-    ]
+    ] + (["--calibration", calibration] if calibration else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = proc.stdout
@@ -90,8 +92,9 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.only or f"{c[0]}:{c[1]}" in args.only]
     with tempfile.TemporaryDirectory(prefix="tunekit-bench-") as td:
         cards = []
-        for fmt, qtype in configs:
-            card = run(args.source, fmt, qtype, Path(td), args.samples)
+        for fmt, qtype, calibration in configs:
+            card = run(args.source, fmt, qtype, Path(td), args.samples, calibration)
+            card["type"] += " + imatrix" if calibration else ""
             print(
                 json.dumps({k: card[k] for k in ("format", "type", "export_seconds", "verify")}), flush=True
             )

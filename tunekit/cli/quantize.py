@@ -24,7 +24,8 @@ def quantize_cmd(
     calibration: str | None = typer.Option(
         None,
         "--calibration",
-        help="Calibration data: .txt, .jsonl or a folder of them (default: built-in text).",
+        help="Calibration data: a .txt file or any dataset tunekit reads; `builtin` = the built-in text "
+        "(also the default for GPTQ/AWQ and the IQ types). Given for a K-quant, it adds an importance matrix.",
     ),
     samples: int = typer.Option(128, "--samples", help="Calibration samples."),
     verify: bool = typer.Option(

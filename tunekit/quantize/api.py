@@ -101,9 +101,10 @@ def read_texts(spec: str | Path, tokenizer: Any = None, limit: int | None = None
 
 
 def _calibration(spec: str | Path | None, folder: Path, samples: int) -> tuple[list[str], str]:
+    """Calibration texts: `spec` (a dataset), or the built-in text when None or "builtin"."""
     from transformers import AutoTokenizer
 
-    if spec is None:
+    if spec is None or str(spec) == "builtin":
         from tunekit.quantize.verify import default_eval_texts
 
         return default_eval_texts("calibration")[:samples], "builtin:pydoc-topics (calibration split)"
