@@ -295,3 +295,29 @@ def test_adapter_source_is_merged_first(tiny_model_dir, tmp_path):
     written = np.asarray(tensor.data).reshape(merged.shape)
     assert np.abs(written - merged).max() < 1e-5
     assert np.abs(written - original).max() > 1e-3  # the adapter really changed it
+
+
+def test_embedding_type_keeps_embeddings_at_higher_precision(tiny_model_dir, tiny256, tmp_path):
+    """--embedding-type: token_embd/output get the asked type, on the gguf-py and the llama.cpp paths, and the
+    F16-embedding Q8_0 file is closer to HF than the all-Q8_0 one."""
+    pytest.importorskip("llama_cpp")
+    from tunekit.quantize import llamacpp
+    from tunekit.quantize.api import quantize
+
+    plain, keep = tmp_path / "q8.gguf", tmp_path / "q8-f16emb.gguf"
+    write_gguf(tiny_model_dir, plain, "Q8_0")
+    write_gguf(tiny_model_dir, keep, "Q8_0", embedding_type="F16")
+    types = {n: t for n, t, _ in iter_gguf_tensor_types(keep)}
+    assert types["token_embd.weight"] == "F16" and types["output.weight"] == "F16"
+    assert types["blk.0.attn_q.weight"] == "Q8_0"
+    tok, model = _hf(tiny_model_dir)
+    ids = tok(" ".join(TEXTS), add_special_tokens=False)["input_ids"][:128]
+    lh = _hf_logits(model, ids)
+    err = {p: np.abs(llamacpp.logits(llamacpp.load(p, n_ctx=128), ids) - lh).max() for p in (plain, keep)}
+    assert err[keep] < err[plain], err
+    out = tmp_path / "q4km-f16emb.gguf"
+    quantize(tiny256, "gguf", out, qtype="Q4_K_M", embedding_type="Q8_0", progress=False)
+    types = {n: t for n, t, _ in iter_gguf_tensor_types(out)}
+    assert types["token_embd.weight"] == "Q8_0" and types["output.weight"] == "Q8_0"
+    with pytest.raises(TunekitError, match="--embedding-type"):
+        write_gguf(tiny_model_dir, tmp_path / "x.gguf", "Q8_0", embedding_type="Q4_K")

@@ -37,6 +37,12 @@ def quantize_cmd(
     group_size: int = typer.Option(
         128, "--group-size", help="gptq/awq group size (chosen down to divide widths)."
     ),
+    embedding_type: str | None = typer.Option(
+        None,
+        "--embedding-type",
+        help="gguf: type of the token-embedding and output matrices (e.g. F16 with Q8_0: closer to the source, "
+        "larger file). Default: the file type (Q8_0 for 4/5-bit direct types).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Quantize a model (adapters are merged into their base first)."""
@@ -54,6 +60,7 @@ def quantize_cmd(
         overwrite=overwrite,
         eval_text=eval_text,
         group_size=group_size,
+        embedding_type=embedding_type,
     )
     if verify:
         print_table(report)

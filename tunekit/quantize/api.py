@@ -180,6 +180,7 @@ def quantize(
     ctx: int = 512,
     group_size: int = 128,
     progress: bool = True,
+    embedding_type: str | None = None,
 ) -> dict[str, Any]:
     """Quantize `source` to `output`; returns the run card (also written next to / inside the output)."""
     fmt = fmt.lower()
@@ -200,7 +201,9 @@ def quantize(
         report["model_folder"] = str(folder)
         t0 = time.perf_counter()
         if fmt == "gguf":
-            report.update(_to_gguf(folder, output, qtype, calibration, samples, overwrite, work, progress))
+            report.update(
+                _to_gguf(folder, output, qtype, calibration, samples, overwrite, work, progress, embedding_type)
+            )
         elif fmt in ("gptq", "awq"):
             from tunekit.quantize.compressed import quantize_w4a16
 
@@ -231,6 +234,7 @@ def _to_gguf(
     overwrite: bool,
     work: Path,
     progress: bool,
+    embedding_type: str | None = None,
 ) -> dict[str, Any]:
     from tunekit.quantize import llamacpp
     from tunekit.quantize.gguf_writer import DIRECT_TYPES, write_gguf
@@ -238,7 +242,7 @@ def _to_gguf(
     out: dict[str, Any] = {}
     if qtype in DIRECT_TYPES:
         with atomic_output(output, overwrite, is_dir=False) as tmp, _bar(f"GGUF {qtype}", progress) as cb:
-            out["gguf"] = write_gguf(folder, tmp, qtype, name=folder.name, progress=cb)
+            out["gguf"] = write_gguf(folder, tmp, qtype, embedding_type=embedding_type, name=folder.name, progress=cb)
         out["quantizer"] = "gguf-py"
         return out
 
@@ -253,7 +257,7 @@ def _to_gguf(
         imatrix = llamacpp.compute_imatrix(folder, texts)
         out["imatrix"] = {"calibration": origin, "texts": len(texts), "entries": len(imatrix)}
     with atomic_output(output, overwrite, is_dir=False) as tmp:
-        llamacpp.llama_quantize(base, tmp, qtype, imatrix=imatrix)
+        llamacpp.llama_quantize(base, tmp, qtype, imatrix=imatrix, embedding_type=embedding_type)
     out["quantizer"] = "llama.cpp llama_model_quantize"
     return out
 

@@ -180,9 +180,10 @@ class _Planned:
     data: np.ndarray | None = None  # generated tensors only
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> Any:
+def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str, embedding_type: str | None = None) -> Any:
     """GGML type of one tensor for file type `out_type`: 1-D tensors stay F32; for 4/5-bit types the
-    embedding and output matrices use Q8_0 (llama.cpp keeps them at higher precision too); rows whose
+    embedding and output matrices use Q8_0 (llama.cpp keeps them at higher precision too), or
+    `embedding_type` when given (as llama-quantize's --token-embedding-type/--output-tensor-type); rows whose
     length is not a multiple of the block size fall back to F16."""
     import gguf
 
@@ -190,8 +191,11 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> Any:
     if len(shape) < 2 or out_type == "F32":
         return Q.F32
     qtype = Q[out_type]
-    if out_type in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") and gguf_name.split(".")[0] in ("token_embd", "output"):
+    is_embedding = gguf_name.split(".")[0] in ("token_embd", "output")
+    if out_type in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") and is_embedding:
         qtype = Q.Q8_0
+    if embedding_type is not None and is_embedding:
+        qtype = Q[embedding_type]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:
         return Q.F16
@@ -232,7 +236,9 @@ def hf_to_gguf_names(folder: Path) -> dict[str, str]:
     return out
 
 
-def _plan(folder: Path, cfg: dict[str, Any], spec: ArchSpec, out_type: str) -> list[_Planned]:
+def _plan(
+    folder: Path, cfg: dict[str, Any], spec: ArchSpec, out_type: str, embedding_type: str | None = None
+) -> list[_Planned]:
     import gguf
     from safetensors import safe_open
 
@@ -263,7 +269,7 @@ def _plan(folder: Path, cfg: dict[str, Any], spec: ArchSpec, out_type: str) -> l
             transform = lambda a: permute_qk(a, n_kv)  # noqa: E731
         elif spec.norm_plus_one and name.endswith(spec.norm_suffixes):
             transform = lambda a: a + 1.0  # noqa: E731
-        plans.append(_Planned(mapped, name, f, shape, tensor_type(mapped, shape, out_type), transform))
+        plans.append(_Planned(mapped, name, f, shape, tensor_type(mapped, shape, out_type, embedding_type), transform))
     return plans
 
 
@@ -272,6 +278,7 @@ def write_gguf(
     output: str | Path,
     out_type: str = "F16",
     *,
+    embedding_type: str | None = None,
     name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -307,7 +314,11 @@ def write_gguf(
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = add_vocab(w, folder, int(cfg["vocab_size"]))
 
-    plans = _plan(folder, cfg, spec, out_type)
+    if embedding_type is not None:
+        embedding_type = embedding_type.upper()
+        if embedding_type not in DIRECT_TYPES:
+            raise TunekitError(f"--embedding-type {embedding_type!r}: expected one of {', '.join(DIRECT_TYPES)}")
+    plans = _plan(folder, cfg, spec, out_type, embedding_type)
     for gname, data in extra:
         plans.append(_Planned(gname, None, None, data.shape, gguf.GGMLQuantizationType.F32, data=data))
     for p in plans:

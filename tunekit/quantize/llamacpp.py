@@ -122,8 +122,10 @@ def llama_quantize(
     qtype: str,
     imatrix: dict[str, np.ndarray] | None = None,
     nthread: int | None = None,
+    embedding_type: str | None = None,
 ) -> None:
-    """Quantize GGUF `src` (F32/F16/BF16) to `dst` with llama.cpp's `llama_model_quantize`."""
+    """Quantize GGUF `src` (F32/F16/BF16) to `dst` with llama.cpp's `llama_model_quantize`; `embedding_type`
+    sets the token-embedding and output tensor types (llama-quantize's --token-embedding-type)."""
     llama_cpp = require_llama_cpp()
     qtype = qtype.upper()
     if qtype not in LLAMA_TYPES:
@@ -133,6 +135,12 @@ def llama_quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_TYPES[qtype])
     params.nthread = nthread or os.cpu_count() or 1
+    if embedding_type is not None:
+        import gguf
+
+        ggml = int(gguf.GGMLQuantizationType[embedding_type.upper()])
+        params.token_embedding_type = ggml
+        params.output_tensor_type = ggml
     keep: list[Any] = []  # keep ctypes buffers alive during the call
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
