@@ -269,43 +269,21 @@ class ResolvedAdapter:
     load_in_4bit: bool
 
 
-def _recipe(run: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise TunekitError(f"{run / 'recipe.yaml'}: cannot read ({exc})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def resolve_adapter(path: str | Path) -> ResolvedAdapter:
     """A PEFT/tunekit adapter folder, or a tunekit run directory (RUN/recipe.yaml + RUN/adapter/)."""
+    from tunekit.run.locate import locate
+
     path = Path(path).expanduser()
     if not path.is_dir():
         raise TunekitError(f"adapter '{path}' not found")
-    run: Path | None = None
-    if (path / "recipe.yaml").is_file():
-        run = path
-        if (path / "adapter").is_dir():
-            path = path / "adapter"
-        elif (path / "model").is_dir():
-            raise TunekitError(f"run '{run}' is a full fine-tune: {run / 'model'} is already a merged model")
-        else:
-            raise TunekitError(f"run '{run}' has no adapter/ folder (did training finish?)")
-    elif (path.parent / "recipe.yaml").is_file():
-        run = path.parent
-    kind = detect_adapter_type(path)
-    base_hint = None
-    four_bit = False
-    if run is not None:
-        model = _recipe(run).get("model") or {}
-        if isinstance(model, dict):
-            base_hint = model.get("name")
-            four_bit = bool(model.get("load_in_4bit"))
-    if base_hint is None and (path / ADAPTER_CONFIG).is_file():
-        base_hint = _read_json(path / ADAPTER_CONFIG).get("base_model_name_or_path")
-    return ResolvedAdapter(path, kind, base_hint, four_bit)
+    loc = locate(path)
+    if loc is None or loc.adapter_dir is None:
+        if loc is not None and loc.kind == "run":
+            raise TunekitError(f"run '{path}' is a full fine-tune: {loc.model_dir} is already a merged model")
+        raise TunekitError(f"'{path}' is a model folder, not an adapter or a run with an adapter")
+    kind = detect_adapter_type(loc.adapter_dir)
+    base = loc.base
+    return ResolvedAdapter(loc.adapter_dir, kind, base.name if base else None, bool(base and base.load_in_4bit))
 
 
 # ------------------------------------------------------------------------------------------------ merge

@@ -5,44 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunekit.config.schema import ModelConfig
 from tunekit.errors import TunekitError
-
-
-def run_base(run: Path) -> ModelConfig:
-    """The `model` section a run was trained with (from its recipe.yaml)."""
-    recipe = run / "recipe.yaml"
-    if not recipe.is_file():
-        raise TunekitError(f"'{run}' has no recipe.yaml: not a tunekit run directory")
-    data = yaml.safe_load(recipe.read_text()) or {}
-    return ModelConfig.model_validate(data.get("model", {}))
+from tunekit.run.locate import locate
 
 
 def load_any(target: str, base: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a run dir, an adapter folder (base from its config or `base`), or a model."""
-    from tunekit.models.load import load_model, load_tokenizer
-
-    path = Path(target)
-    if path.is_dir() and (path / "recipe.yaml").is_file():
-        cfg = run_base(path)
-        if (path / "model").is_dir():
-            return _load_plain(cfg.model_copy(update={"name": str(path / "model")}))
-        adapter = path / "adapter"
-        if not adapter.is_dir():
-            raise TunekitError(f"run '{path}' has neither adapter/ nor model/ (did it finish?)")
-        return _load_adapter(cfg, adapter)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        import json
-
-        base_name = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_name:
-            raise TunekitError(f"adapter '{path}' does not name its base model; pass --base")
-        return _load_adapter(ModelConfig(name=base_name), path)
-    cfg = ModelConfig(name=target)
-    tok = load_tokenizer(cfg)
-    return load_model(cfg, tok), tok
+    """(model, tokenizer) for a run dir, an adapter folder (base from its run or config, or `base`), a model
+    folder, a hub id or an alias."""
+    loc = locate(target)
+    if loc is None:  # hub id or alias
+        return _load_plain(ModelConfig(name=target))
+    if loc.model_dir is not None:
+        cfg = loc.base or ModelConfig(name=str(loc.model_dir))
+        return _load_plain(cfg.model_copy(update={"name": str(loc.model_dir)}))
+    cfg = ModelConfig(name=base) if base else loc.base
+    if cfg is None:
+        raise TunekitError(f"adapter '{loc.adapter_dir}' does not name its base model; pass --base")
+    return _load_adapter(cfg, loc.adapter_dir)
 
 
 def _load_plain(cfg: ModelConfig):

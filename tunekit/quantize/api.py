@@ -47,27 +47,18 @@ def _merge(adapter: Path, workdir: Path) -> Path:
 def resolve_source(source: str | Path, workdir: Path) -> tuple[Path, str]:
     """(HF model folder, kind). Adapters and run directories with an adapter are merged into their base
     (kept at its 16-bit dtype) inside `workdir` first."""
-    src = _resolve_name(str(source))
-    if src.is_file():
-        raise TunekitError(
-            f"source '{src}' is a file; expected a model folder, an adapter or a run directory"
-        )
-    if _is_model_folder(src):
-        return src, "model"
-    if (src / "adapter_config.json").is_file():
-        cfg = json.loads((src / "adapter_config.json").read_text())
-        if not cfg.get("base_model_name_or_path"):
-            raise TunekitError(f"{src / 'adapter_config.json'}: no base_model_name_or_path")
-        return _merge(src, workdir), "adapter"  # merge_adapter reads the base from the adapter
-    if (src / "recipe.yaml").is_file():
-        if _is_model_folder(src / "model"):
-            return src / "model", "run"
-        if (src / "adapter").is_dir():
-            return _merge(src, workdir), "run"  # base = the recipe's model.name
-        raise TunekitError(f"run directory '{src}' has neither model/ nor adapter/")
-    raise TunekitError(
-        f"source '{src}' is not a model folder (config.json + *.safetensors), adapter or run directory"
-    )
+    from tunekit.run.locate import locate
+
+    if Path(source).expanduser().is_file():
+        raise TunekitError(f"source '{source}' is a file; expected a model folder, an adapter or a run directory")
+    loc = locate(source)
+    if loc is None:  # an alias or hub id
+        return _resolve_name(str(source)), "model"
+    if loc.model_dir is not None:
+        if not _is_model_folder(loc.model_dir):
+            raise TunekitError(f"'{loc.model_dir}' has a config.json but no *.safetensors weights")
+        return loc.model_dir, loc.kind
+    return _merge(loc.path, workdir), loc.kind
 
 
 # ---------------------------------------------------------------------------------------------- calibration

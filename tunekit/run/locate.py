@@ -1,0 +1,76 @@
+"""What a folder on disk is: a tunekit run directory, an adapter, or a full model — and which base it needs.
+
+Every command that accepts "a model, an adapter or a run" (eval, merge, quantize, and later stages) asks here,
+so the layout rules live in one place:
+- run: `RUN/recipe.yaml` + `RUN/adapter/` (or `RUN/model/` for full fine-tuning); base = the recipe's `model`.
+- adapter: a folder with `adapter_config.json` (PEFT) or a tunekit adapter config (LoRA-XS, SVFT); base = the
+  recipe of the run it sits in, else the adapter config's `base_model_name_or_path`.
+- model: a folder with `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tunekit.config.schema import ModelConfig
+from tunekit.errors import TunekitError
+
+# PEFT's config, then tunekit's own adapter formats (tunekit/adapters/lora_xs.py, svft.py).
+ADAPTER_CONFIGS = ("adapter_config.json", "lora_xs_config.json", "svft_config.json")
+
+
+@dataclass(frozen=True)
+class Located:
+    kind: Literal["run", "adapter", "model"]
+    path: Path
+    model_dir: Path | None = None  # a loadable full model (model kind, or RUN/model)
+    adapter_dir: Path | None = None  # the adapter (adapter kind, or RUN/adapter)
+    run_dir: Path | None = None  # the run it belongs to, if any
+    base: ModelConfig | None = None  # the base model section the adapter/run was trained with
+
+
+def run_model_section(run: Path) -> ModelConfig:
+    """The `model` section a run was trained with (from its recipe.yaml)."""
+    import yaml
+
+    recipe = run / "recipe.yaml"
+    try:
+        data = yaml.safe_load(recipe.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TunekitError(f"{recipe}: cannot read ({exc})") from None
+    section: Any = data.get("model", {}) if isinstance(data, dict) else {}
+    try:
+        return ModelConfig.model_validate(section or {})
+    except ValueError as exc:
+        raise TunekitError(f"{recipe}: invalid model section ({str(exc).splitlines()[0]})") from None
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in ADAPTER_CONFIGS)
+
+
+def locate(path: str | Path) -> Located | None:
+    """Classify an existing folder; None when `path` is not a folder (a hub id or an alias)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    if (p / "recipe.yaml").is_file():
+        base = run_model_section(p)
+        if (p / "adapter").is_dir():
+            return Located("run", p, adapter_dir=p / "adapter", run_dir=p, base=base)
+        if (p / "model").is_dir():
+            return Located("run", p, model_dir=p / "model", run_dir=p, base=base)
+        raise TunekitError(f"run '{p}' has neither adapter/ nor model/ (did training finish?)")
+    if is_adapter_dir(p):
+        run = p.parent if (p.parent / "recipe.yaml").is_file() else None
+        base = run_model_section(run) if run is not None else None
+        if base is None and (p / "adapter_config.json").is_file():
+            name = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base = ModelConfig(name=name) if name else None
+        return Located("adapter", p, adapter_dir=p, run_dir=run, base=base)
+    if (p / "config.json").is_file():
+        return Located("model", p, model_dir=p)
+    raise TunekitError(f"'{p}' is not a model folder (config.json), an adapter or a tunekit run directory")
