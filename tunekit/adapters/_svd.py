@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -234,6 +234,27 @@ def check_fingerprint(name: str, w: torch.Tensor, expected: str, where: str) -> 
             f"{where}: base weight '{name}' has fingerprint {got}, the adapter was trained on {expected}: "
             "a different base model (or dtype/quantization); load the base the adapter was trained on"
         )
+
+
+def fingerprinted_edits(
+    modules: Any, base: Any, quant: dict[str, Any] | None, where: str
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """`tunekit merge` edits for the SVD-based adapters: for each (module, expected fingerprint, merge) in
+    `modules`, W ↦ merge(W, seen) once `seen` — W as float32, or its 4-bit round trip for an adapter trained on a
+    4-bit base — has the fingerprint saved with the adapter."""
+    edits: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name, expected, merge in modules:
+        wname = f"{name}.weight"
+        if wname not in base:
+            raise TunekitError(f"{where}: base has no tensor '{wname}'")
+
+        def edit(w: torch.Tensor, name: str = name, expected: str = expected, merge: Callable = merge) -> torch.Tensor:
+            seen = quantize_roundtrip(w, quant) if quant is not None else w.to(torch.float32)
+            check_fingerprint(name, seen, expected, where)
+            return merge(w, seen)
+
+        edits[wname] = edit
+    return edits
 
 
 def read_json(file: Any) -> dict[str, Any]:

@@ -252,21 +252,13 @@ def plan_merge(folder: Path, base: Any) -> dict[str, Any]:
     where = f"LoRA-XS adapter '{folder}'"
     quant = config.get("base_quantization")
     scale = float(config["scale"])
-    edits: dict[str, Any] = {}
-    for name in config["modules"]:
-        wname = f"{name}.weight"
-        if wname not in base:
-            raise TunekitError(f"{where}: base has no tensor '{wname}'")
+
+    def merge_for(name: str) -> Any:
         parts = {p: tensors[f"{name}.lora_xs_{p}"] for p in ("A", "B", "R")}
-        expected = config["module_fingerprints"][name]
+        return lambda w, seen: merge_into_weight(w, parts, scale)
 
-        def edit(w: torch.Tensor, name: str = name, parts: dict = parts, expected: str = expected) -> torch.Tensor:
-            seen = S.quantize_roundtrip(w, quant) if quant is not None else w
-            S.check_fingerprint(name, seen, expected, where)
-            return merge_into_weight(w, parts, scale)
-
-        edits[wname] = edit
-    return edits
+    modules = [(name, config["module_fingerprints"][name], merge_for(name)) for name in config["modules"]]
+    return S.fingerprinted_edits(modules, base, quant, where)
 
 
 def is_lora_xs(folder: Path) -> bool:

@@ -293,21 +293,14 @@ def plan_merge(folder: Path, base: Any) -> dict[str, Any]:
     where = f"SVFT adapter '{folder}'"
     quant = config.get("base_quantization")
     pattern = config["svft"]["pattern"]
-    edits: dict[str, Any] = {}
-    for name, info in config["modules"].items():
-        wname = f"{name}.weight"
-        if wname not in base:
-            raise TunekitError(f"{where}: base has no tensor '{wname}'")
+
+    def merge_for(name: str, n: int) -> Any:
         parts = {"M": tensors[f"{name}.svft_M"], "rows": tensors.get(f"{name}.svft_rows"),
                  "cols": tensors.get(f"{name}.svft_cols")}
+        return lambda w, seen: merge_into_weight(w, parts, pattern, n, svd_of=seen)
 
-        def edit(w: torch.Tensor, name: str = name, parts: dict = parts, info: dict = info) -> torch.Tensor:
-            seen = S.quantize_roundtrip(w, quant) if quant is not None else w.to(torch.float32)
-            S.check_fingerprint(name, seen, info["fingerprint"], where)
-            return merge_into_weight(w, parts, pattern, int(info["n"]), svd_of=seen)
-
-        edits[wname] = edit
-    return edits
+    modules = [(name, info["fingerprint"], merge_for(name, int(info["n"]))) for name, info in config["modules"].items()]
+    return S.fingerprinted_edits(modules, base, quant, where)
 
 
 def is_svft(folder: Path) -> bool:
