@@ -109,14 +109,10 @@ def _tokenize_all(examples: list[Example], tok, cfg: DataConfig, stats: DataStat
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     for ex in examples:
         t = tokenize_conversation(tok, ex.messages, cfg.max_length, cfg.train_on, cfg.truncation)
-        if t is None:
+        if t.dropped:
             if stats is not None:
-                full_len = len(tok(tok.apply_chat_template(ex.messages, tokenize=False), add_special_tokens=False)
-                               ["input_ids"])
-                if full_len > cfg.max_length and cfg.truncation == "drop":
-                    stats.dropped_too_long += 1
-                else:
-                    stats.dropped_no_target += 1
+                stats.dropped_too_long += t.dropped == "too_long"
+                stats.dropped_no_target += t.dropped == "no_target"
             continue
         if stats is not None:
             stats.truncated += int(t.truncated)

@@ -104,6 +104,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    dropped: str | None = None  # "too_long" (truncation='drop') or "no_target" (nothing left to learn)
 
 
 def tokenize_conversation(
@@ -115,7 +116,7 @@ def tokenize_conversation(
 ) -> Tokenized | None:
     """Token ids and labels (-100 outside assistant turns unless train_on='all').
 
-    Returns None when the example must be dropped (too long with truncation='drop', or nothing to learn left).
+    A dropped example (too long with truncation='drop', or nothing to learn left) has `dropped` set.
     """
     full = render(tok, messages)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -131,8 +132,8 @@ def tokenize_conversation(
     truncated = len(ids) > max_length
     if truncated:
         if truncation == "drop":
-            return None
+            return Tokenized([], [], truncated, dropped="too_long")
         ids, labels = ids[:max_length], labels[:max_length]
     if all(label == -100 for label in labels[1:]):
-        return None
+        return Tokenized([], [], truncated, dropped="no_target")
     return Tokenized(ids, labels, truncated)
