@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,7 +31,3 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def echo_err(msg: str) -> None:
-    print(msg, file=sys.stderr)

@@ -26,21 +26,19 @@ def perplexity(model: Any, tok: Any, conversations: list[Messages], max_length: 
     """(mean NLL per assistant token, token count) over `conversations`."""
     import torch
 
+    from tunekit.data.collate import SFTCollator
+
     rows = [tokenize_conversation(tok, m, max_length) for m in conversations]
-    rows = [r for r in rows if r is not None]
+    rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows if not r.dropped]
+    collate = SFTCollator(tok.pad_token_id)
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            width = max(len(r.input_ids) for r in chunk)
-            pad = tok.pad_token_id
-            ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in chunk], device=device)
-            labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in chunk], device=device)
-            mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in chunk],
-                                device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size]).items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
