@@ -37,3 +37,25 @@ QA = [
     {"instruction": "Numbers from one to five.", "output": "1 2 3 4 5"},
     {"instruction": "Summarize: the quick brown fox jumps.", "output": "A fox jumps."},
 ]
+
+
+def interrupt_after_checkpoint(cli_args: list[str], out: Path, timeout: float = 240) -> int:
+    """Start `tunekit CLI_ARGS --output OUT`, SIGKILL it once its first checkpoint is complete; return that
+    checkpoint's step (the run is left at OUT.partial, as after a crash)."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "tunekit", *map(str, cli_args), "--output", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    ckpts = out.with_name(out.name + ".partial") / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(ckpts.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # a hard kill: no clean-up code runs
+    proc.wait()
+    assert not out.exists()
+    done = sorted(int(p.parent.name.split("-")[1]) for p in ckpts.glob("checkpoint-*/trainer_state.json"))
+    assert done, "no checkpoint was written before the kill"
+    return done[-1]

@@ -4,15 +4,11 @@ logits, packing equals no packing per sequence, resume continues from the checkp
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.helpers import QA, ROOT, run_cli, write_jsonl
+from tests.helpers import QA, interrupt_after_checkpoint, run_cli, write_jsonl
 from tunekit.config import load_recipe
 
 
@@ -165,21 +161,10 @@ def test_overwrite_replaces_only_after_success(tmp_path, tiny_model_dir, qa_file
 
 def test_resume_after_interrupt_continues_from_checkpoint(tmp_path, tiny_model_dir, qa_file):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "tunekit", "sft", "--set", f"model.name={tiny_model_dir}",
-            "--set", f"data.train={qa_file}", "--set", "train.max_steps=400", "--set", "train.save_steps=2",
-            "--set", "train.save_total_limit=1", "--set", "generate.samples=0", "--output", str(out)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpts = out.with_name("run.partial") / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(ckpts.glob("checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # a hard kill: no clean-up code runs
-    proc.wait()
-    assert not out.exists()
-    done = sorted(int(p.parent.name.split("-")[1]) for p in ckpts.glob("checkpoint-*/trainer_state.json"))
-    assert done, "no checkpoint was written before the kill"
-    step = done[-1]
+    step = interrupt_after_checkpoint(
+        ["sft", "--set", f"model.name={tiny_model_dir}", "--set", f"data.train={qa_file}", "--set",
+         "train.max_steps=400", "--set", "train.save_steps=2", "--set", "train.save_total_limit=1", "--set",
+         "generate.samples=0"], out)
     res = run_cli("sft", "--set", f"model.name={tiny_model_dir}", "--set", f"data.train={qa_file}",
                   "--set", "train.max_steps=400", "--set", "train.save_steps=2", "--set", "train.save_total_limit=1",
                   "--set", "generate.samples=0", "--output", out, "--resume")

@@ -28,6 +28,7 @@ class AttachContext:
     gradient_checkpointing: bool = False
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by the chat template: train them
     meta: bool = False  # model lives on the meta device (counting only: no SVD, no data)
+    task: str = "causal_lm"  # "seq_cls": a reward model, whose new `score` head trains in full and is saved
 
 
 @dataclass
@@ -77,6 +78,11 @@ def attach(model: PreTrainedModel, cfg: AdapterConfig, ctx: AttachContext | None
     if ctx.quantized and cfg.method == "none":
         raise TunekitError(
             "adapter.method 'none' (full fine-tuning) cannot train a 4/8-bit base; choose an adapter (QLoRA)"
+        )
+    if ctx.task == "seq_cls" and cfg.method in ("lora_xs", "svft"):
+        raise TunekitError(
+            f"adapter.method '{cfg.method}' cannot train a reward model: its frozen-SVD modules leave no place for "
+            "the new score head; use lora, dora, pissa, milora or none"
         )
     return get_method(cfg.method).build(model, cfg, ctx)
 

@@ -20,15 +20,19 @@ def lora_config(cfg: AdapterConfig, ctx: AttachContext, **extra: Any):
     from peft import LoraConfig, TaskType
 
     targets = cfg.targets if isinstance(cfg.targets, list) else cfg.targets
+    seq_cls = ctx.task == "seq_cls"
+    modules_to_save = list(cfg.modules_to_save or [])
+    if seq_cls and "score" not in modules_to_save:  # the new reward head trains in full and is saved
+        modules_to_save.append("score")
     kwargs: dict[str, Any] = dict(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM,
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
         use_rslora=cfg.rslora,
         use_dora=cfg.method == "dora",
-        modules_to_save=cfg.modules_to_save,
+        modules_to_save=modules_to_save or None,
         bias="none",
     )
     if ctx.new_token_ids:

@@ -11,7 +11,8 @@ from tunekit.cli.common import user_errors
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", help="Perplexity and exact match of a model, adapter or run on a dataset.")(eval_cmd)
+    app.command("eval", help="Score a model, adapter or run: perplexity and exact match; pairwise accuracy of a "
+                "reward model; preference accuracy of a DPO policy; mean reward (--reward).")(eval_cmd)
 
 
 @user_errors
@@ -25,16 +26,12 @@ def eval_cmd(
     batch_size: int = typer.Option(8, help="Conversations per forward pass."),
     no_generate: bool = typer.Option(False, "--no-generate", help="Perplexity only (skip generation)."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the full result (with answers) as JSON."),
+    reward: list[str] = typer.Option([], "--reward", help="Mean reward of greedy answers (e.g. math_answer)."),
 ) -> None:
-    from tunekit.data.formats import to_messages
-    from tunekit.data.sources import read_source
-    from tunekit.evaluation.score import evaluate
-    from tunekit.models.trained import load_any
+    from tunekit.evaluation.runs import evaluate_target
 
-    records = read_source(data)[:limit] if limit else read_source(data)
-    conversations = [to_messages(r.data, "auto", r.where) for r in records]
-    model, tok = load_any(target, base)
-    result = evaluate(model, tok, conversations, max_length, max_new_tokens, batch_size, not no_generate)
+    result = evaluate_target(target, data, base, limit, max_length, max_new_tokens, batch_size, not no_generate,
+                             reward)
     summary = {k: v for k, v in result.items() if k != "answers"}
     summary["target"] = target
     typer.echo(json.dumps(summary))

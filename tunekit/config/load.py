@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunekit.config.schema import Recipe
+from tunekit.config.schema import Recipe, foreign_section_message, foreign_sections
+from tunekit.config.stages import STAGE_SECTIONS
 from tunekit.errors import TunekitError
 
 
@@ -140,6 +141,12 @@ def _loc_to_key(loc: tuple[Any, ...]) -> str:
 def validate(data: Mapping[str, Any], source: str = "recipe", lines: Mapping[str, int] | None = None) -> Recipe:
     """Validate a recipe mapping; raise TunekitError naming the first bad key (with its line)."""
     lines = lines or {}
+    stage = data.get("stage", "sft")
+    if isinstance(stage, str) and stage in STAGE_SECTIONS:
+        for name in sorted(foreign_sections(stage) & set(data)):
+            line = lines.get(name)
+            raise TunekitError(f"{source}:{line}: {foreign_section_message(name, stage)}" if line
+                               else f"{source}: {foreign_section_message(name, stage)}")
     try:
         return Recipe.model_validate(dict(data))
     except ValidationError as exc:
@@ -152,7 +159,7 @@ def validate(data: Mapping[str, Any], source: str = "recipe", lines: Mapping[str
         if err["type"] == "extra_forbidden":
             generic = ".".join(p for p in key.split(".") if not p.isdigit())
             raise TunekitError(f"{where}: unknown key '{key}'{suggest(generic, all_keys())}") from None
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         if not key:
@@ -186,5 +193,6 @@ def load_recipe(
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (every key, defaults included)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML (every key its stage reads, defaults included)."""
+    data = recipe.model_dump(mode="json", exclude=recipe.foreign_sections())
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

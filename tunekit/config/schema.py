@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"]
+from tunekit.config.sections import Section
+from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+DataFormat = Literal[
+    "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
+]
+Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai"]
 
 
 class ModelConfig(Section):
@@ -161,10 +163,41 @@ class GenerateConfig(Section):
 
 
 class Recipe(Section):
-    stage: Literal["sft"] = Field("sft", description="Which stage this recipe is for.")
+    stage: Stage = Field("sft", description="Which stage this recipe is for (set by the command).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    rm: RMConfig = Field(default_factory=RMConfig, description="`tunekit rm` only.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="`tunekit dpo` (and cai's preference phase).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="`tunekit grpo` only.")
     output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")
+
+    @model_validator(mode="after")
+    def _sections_of_this_stage(self) -> Recipe:
+        for name in sorted(self.foreign_sections() & self.model_fields_set):
+            raise ValueError(foreign_section_message(name, self.stage))
+        if self.stage == "grpo":
+            rows = self.train.batch_size * self.train.grad_accum
+            if rows % self.grpo.num_generations:
+                raise ValueError(
+                    f"grpo.num_generations ({self.grpo.num_generations}) must divide train.batch_size x "
+                    f"train.grad_accum ({rows}): each prompt's group of completions is one batch slice"
+                )
+        return self
+
+    def foreign_sections(self) -> set[str]:
+        """Sections of other stages: this stage never reads them (and the dumped recipe leaves them out)."""
+        return foreign_sections(self.stage)
+
+
+def foreign_sections(stage: str) -> set[str]:
+    own = set(STAGE_SECTIONS[stage])
+    return {n for secs in STAGE_SECTIONS.values() for n in secs} - own
+
+
+def foreign_section_message(name: str, stage: str) -> str:
+    owners = [s for s, secs in STAGE_SECTIONS.items() if name in secs]
+    return (f"section '{name}' belongs to stage {' / '.join(owners)}, not to '{stage}' "
+            f"(run `tunekit {owners[0]}`, or remove it)")

@@ -142,9 +142,13 @@ def _quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     )
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
-    """Load the causal LM named by `cfg` (weights read), sized to the tokenizer if tokens were added."""
-    from transformers import AutoModelForCausalLM
+def load_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, task: str = "causal_lm"
+) -> PreTrainedModel:
+    """Load the causal LM named by `cfg` (weights read), sized to the tokenizer if tokens were added.
+
+    task="seq_cls": the same backbone with a one-output score head (a reward model, r(x, y) ∈ R)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.name)
     dtype = resolve_dtype(cfg)
@@ -153,8 +157,11 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": 0} if device_type() == "cuda" else {"": "cpu"}
+    if task == "seq_cls":
+        kwargs["num_labels"] = 1
+    auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = auto.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(cfg.name, exc) from None
     if qcfg is None and device_type() != "cpu":
@@ -171,7 +178,10 @@ def _match_tokenizer(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> No
     if len(tok) > rows:
         model.resize_token_embeddings(len(tok), mean_resizing=True)
         model.tunekit_new_token_ids = list(range(rows, len(tok)))  # trained by the adapter (trainable tokens)
-    gen = model.generation_config
+    model.config.pad_token_id = tok.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is None:  # a reward model does not generate
+        return
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     if isinstance(gen.eos_token_id, int):
         eos.add(gen.eos_token_id)

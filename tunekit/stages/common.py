@@ -44,15 +44,16 @@ def dry_run(recipe: Recipe) -> int:
     return trainable
 
 
-def load_trainable(recipe: Recipe, tok: Any = None):
+def load_trainable(recipe: Recipe, tok: Any = None, task: str = "causal_lm"):
     """(tokenizer, model ready to train). Tokens added by the chat template get trainable embedding rows."""
     tok = tok if tok is not None else load_tokenizer(recipe.model)
-    model = load_model(recipe.model, tok)
+    model = load_model(recipe.model, tok, task=task)
     new_ids = getattr(model, "tunekit_new_token_ids", [])
     ctx = AttachContext(
         quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         new_token_ids=new_ids,
+        task=task,
     )
     model = attach(model, recipe.adapter, ctx)
     trainable, total = count_trainable(model)
@@ -61,10 +62,15 @@ def load_trainable(recipe: Recipe, tok: Any = None):
     return tok, model
 
 
-def training_arguments(recipe: Recipe, run: RunDir, **overrides: Any):
-    """transformers TrainingArguments from the recipe's `train` section."""
+def training_arguments(recipe: Recipe, run: RunDir, config_class: Any = None, **overrides: Any):
+    """transformers TrainingArguments (or a TRL config class built on it) from the recipe's `train` section.
+
+    TRL's configs default `bf16` and `gradient_checkpointing` to True; both are always set from the recipe here.
+    """
     import torch
     from transformers import TrainingArguments
+
+    config_class = config_class or TrainingArguments
 
     t = recipe.train
     cuda = device_type() == "cuda"
@@ -104,7 +110,7 @@ def training_arguments(recipe: Recipe, run: RunDir, **overrides: Any):
         import os
 
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tensorboard")
-    return TrainingArguments(**kwargs)
+    return config_class(**kwargs)
 
 
 def standard_callbacks(run: RunDir, collator: Any) -> list:
@@ -122,3 +128,34 @@ def save_outputs(recipe: Recipe, run: RunDir, model: Any, tok: Any) -> Path:
 
 def write_recipe(recipe: Recipe, run: RunDir) -> None:
     run.write_text("recipe.yaml", dump_recipe(recipe))
+
+
+def held_out_prompts(conversations: list[list[dict[str, str]]]) -> tuple[list, list]:
+    """(prompt turns, reference answer) of each held-out conversation that ends in an assistant turn."""
+    from tunekit.evaluation.score import split_prompt
+
+    pairs = [p for p in (split_prompt(m) for m in conversations) if p]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def write_samples(recipe: Recipe, run: RunDir, model: Any, tok: Any, data: Any) -> None:
+    """Greedy generations for `generate.prompts` (else the stage's held-out prompts) into samples.jsonl."""
+    import json
+
+    from tunekit.generation import sample
+
+    g = recipe.generate
+    if g.samples == 0:
+        return
+    if g.prompts:
+        prompts: list[Any] = [[{"role": "user", "content": p}] for p in g.prompts[: g.samples]]
+        refs: list[Any] = [None] * len(prompts)
+    else:
+        prompts, refs = list(data.sample_prompts[: g.samples]), list(data.sample_references[: g.samples])
+        refs += [None] * (len(prompts) - len(refs))
+    if not prompts:
+        return
+    answers = sample(model, tok, prompts, max_new_tokens=g.max_new_tokens, temperature=0).texts
+    with (run.path / "samples.jsonl").open("w") as fh:
+        for p, r, a in zip(prompts, refs, answers):
+            fh.write(json.dumps({"prompt": p, "reference": r, "generation": a}, ensure_ascii=False) + "\n")

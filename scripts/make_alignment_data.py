@@ -1,0 +1,87 @@
+"""Regenerate tunekit/assets/align/ (deterministic): data for rm, dpo and grpo on the embedded model.
+
+- math_{train,eval}.jsonl (prompt-only, for grpo/ppo): one-step arithmetic word problems; `answer` holds the
+  GSM8K-style solution ending in `#### N`, which the `math_answer` reward compares with.
+- pref_{train,eval}.jsonl (preference, for rm/dpo): a correct, helpful answer is chosen; a wrong one (off by a
+  small amount, another capital) or an unhelpful one (a refusal, a dodge) is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "tunekit" / "assets" / "align"
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Milo",
+         "Nora", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tara"]
+ITEMS = ["apples", "books", "marbles", "pencils", "stickers", "cookies", "shells", "coins", "cards", "stamps"]
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+            "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Greece": "Athens", "Norway": "Oslo",
+            "Peru": "Lima", "Poland": "Warsaw", "Austria": "Vienna", "Ireland": "Dublin", "Cuba": "Havana",
+            "Chile": "Santiago", "Sweden": "Stockholm", "Portugal": "Lisbon", "Hungary": "Budapest",
+            "Thailand": "Bangkok", "Vietnam": "Hanoi", "Finland": "Helsinki", "Denmark": "Copenhagen",
+            "Belgium": "Brussels", "Turkey": "Ankara", "Ghana": "Accra", "Iceland": "Reykjavik"}
+UNHELPFUL = ["I don't know.", "Figure it out yourself.", "That is not something I can help with.",
+             "Why do you want to know?", "Ask someone else.", "No comment."]
+
+
+def word_problem(rng: random.Random) -> tuple[str, int, str]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 30), rng.randint(2, 20)
+    kind = rng.choice(["more", "gives", "twice"])
+    if kind == "more":
+        q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        n, steps = a + b, f"{a} + {b} = {a + b}"
+    elif kind == "gives":
+        a = a + b
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        n, steps = a - b, f"{a} - {b} = {a - b}"
+    else:
+        a = rng.randint(2, 12)
+        q = f"{name} has {a} {item}. A friend has twice as many. How many {item} does the friend have?"
+        n, steps = 2 * a, f"2 * {a} = {2 * a}"
+    return q, n, f"{steps}\n#### {n}"
+
+
+def math_records(rng: random.Random, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        q, _, solution = word_problem(rng)
+        out.append({"prompt": q + " Give the final answer as a number.", "answer": solution})
+    return out
+
+
+def preference_records(rng: random.Random, n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            q, ans, _ = word_problem(rng)
+            chosen = f"The answer is {ans}."
+            wrong = ans + rng.choice([-3, -2, -1, 1, 2, 3])
+            rejected = f"The answer is {wrong}." if rng.random() < 0.5 else rng.choice(UNHELPFUL)
+        else:
+            country = rng.choice(list(CAPITALS))
+            q = f"What is the capital of {country}?"
+            chosen = f"The capital of {country} is {CAPITALS[country]}."
+            other = rng.choice([c for k, c in CAPITALS.items() if k != country])
+            rejected = f"The capital of {country} is {other}." if rng.random() < 0.5 else rng.choice(UNHELPFUL)
+        out.append({"prompt": q, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def write(name: str, rows: list[dict]) -> None:
+    (OUT / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    write("math_train.jsonl", math_records(rng, 400))
+    write("math_eval.jsonl", math_records(rng, 64))
+    write("pref_train.jsonl", preference_records(rng, 400))
+    write("pref_eval.jsonl", preference_records(rng, 64))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""One Typer command shape for every training stage (sft, rm, dpo, grpo, ppo, cai):
+
+    tunekit STAGE RECIPE.yaml [--set KEY=VALUE]... [--output DIR] [--overwrite] [--resume] [--dry-run]
+                              [--print-config]
+
+The command only resolves the recipe (with `stage` set to the command's) and hands it to the stage's run
+function; a recipe written for another stage is refused with the command to use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import typer
+
+from tunekit.cli.common import user_errors
+from tunekit.errors import TunekitError
+
+
+def resolve_recipe(stage: str, recipe: Path | None, set_: list[str], output: Path | None):
+    """The validated recipe for `stage`: file, then `--set` overrides, then `--output`."""
+    from tunekit.config.load import load_recipe, read_yaml
+
+    if recipe is not None:
+        data, lines = read_yaml(recipe)
+        declared = data.get("stage")
+        if declared is not None and declared != stage:
+            line = lines.get("stage")
+            raise TunekitError(f"{recipe}:{line}: this recipe is for stage '{declared}'; run `tunekit {declared}` "
+                               f"(or change `stage:`)")
+    overrides = list(set_)
+    if output is not None:
+        overrides.append(f"output={output}")
+    return load_recipe(recipe, overrides, defaults={"stage": stage})
+
+
+def stage_command(app: typer.Typer, stage: str, help: str, runner: str) -> None:
+    """Register `tunekit STAGE`; `runner` = "module:function" taking (recipe, overwrite=, resume=)."""
+
+    @user_errors
+    def command(
+        recipe: Path = typer.Argument(None, help="Recipe YAML (see recipes/). Optional if --set gives everything."),
+        set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.lr=1e-4"),
+        output: Path = typer.Option(None, "--output", "-o", help="Run directory (overrides `output`)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory when done."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Resolve the recipe, build the model on the meta device, count parameters."
+        ),
+        print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
+    ) -> None:
+        from tunekit.config.load import dump_recipe
+
+        cfg = resolve_recipe(stage, recipe, set_, output)
+        if print_config:
+            typer.echo(dump_recipe(cfg), nl=False)
+            return
+        if dry_run:
+            from tunekit.stages import common
+
+            common.dry_run(cfg)
+            return
+        module, fn = runner.split(":")
+        getattr(importlib.import_module(module), fn)(cfg, overwrite=overwrite, resume=resume)
+
+    command.__name__ = stage
+    app.command(stage, help=help)(command)
+
+
+#: the training commands: name -> (help, "module:run function")
+STAGES: dict[str, tuple[str, str]] = {
+    "sft": ("Supervised fine-tuning from a YAML recipe: full, LoRA, DoRA, PiSSA, MiLoRA, LoRA-XS, SVFT; QLoRA with a "
+            "4-bit base.", "tunekit.stages.sft:run_sft"),
+    "rm": ("Reward model (Bradley-Terry) on preference pairs: a one-output score head on any backbone.",
+           "tunekit.stages.rm:run_rm"),
+    "dpo": ("Direct Preference Optimization on preference pairs (TRL's DPO loss family).",
+            "tunekit.stages.dpo:run_dpo"),
+    "grpo": ("Group Relative Policy Optimization on prompts with verifiable rewards or a reward model.",
+             "tunekit.stages.grpo:run_grpo"),
+}
+
+
+def register(app: typer.Typer) -> None:
+    for name, (help_text, runner) in STAGES.items():
+        stage_command(app, name, help_text, runner)

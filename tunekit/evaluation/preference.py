@@ -1,0 +1,99 @@
+"""Score preference pairs: reward models (pairwise accuracy) and DPO policies (implicit-reward accuracy).
+
+Reward model: accuracy = P[r(x, y_c) > r(x, y_r)], margin = mean(r(x, y_c) − r(x, y_r)).
+DPO policy (Rafailov et al., 2023, eq. 5): r̂(x, y) = β (log π(y|x) − log π_ref(y|x));
+accuracy = P[r̂(x, y_c) > r̂(x, y_r)].
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+from tunekit.data.templates import render
+
+Messages = list[dict[str, str]]
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def conversation_ids(tok: Any, prompt: Messages, completion: Messages, max_length: int) -> tuple[list[int], int]:
+    """(token ids of prompt + completion, index of the first completion token), rendered with the chat
+    template; the completion starts where the prompt with its generation prompt ends."""
+    head = render(tok, prompt, generation_prompt=True)
+    full = render(tok, prompt + completion)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    start = next((i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s >= len(head)), len(ids))
+    if not full.startswith(head):  # template renders the prompt differently inside the conversation
+        start = len(tok(head, add_special_tokens=False)["input_ids"])
+    return ids[:max_length], min(start, max_length)
+
+
+def completion_logps(model: Any, tok: Any, prompts: list[Messages], completions: list[Messages],
+                     max_length: int = 1024, batch_size: int = 8) -> list[float]:
+    """Σ_t log π(y_t | x, y_<t) over each completion's tokens (its end-of-turn token included)."""
+    import torch
+
+    rows = [conversation_ids(tok, p, c, max_length) for p, c in zip(prompts, completions)]
+    out: list[float] = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        target = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for j, (row, start) in enumerate(chunk):
+            ids[j, : len(row)] = torch.tensor(row)
+            mask[j, : len(row)] = 1
+            target[j, start : len(row)] = True
+        dev = _device(model)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
+        out.extend((logp * target[:, 1:].to(dev)).sum(dim=1).tolist())
+    return out
+
+
+def reward_pair_scores(model: Any, tok: Any, pairs: list[Any], max_length: int = 1024,
+                       batch_size: int = 8) -> list[tuple[float, float]]:
+    """(r(x, y_c), r(x, y_r)) for each pair, from a one-output sequence-classification model."""
+    from tunekit.rewards.reward_model import reward_scores
+
+    chosen = reward_scores(model, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], batch_size, max_length)
+    rejected = reward_scores(model, tok, [p.prompt for p in pairs], [p.rejected for p in pairs], batch_size,
+                             max_length)
+    return list(zip(chosen, rejected))
+
+
+def reward_model_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: int = 1024) -> dict[str, Any]:
+    scores = reward_pair_scores(model, tok, pairs, max_length)
+    diffs = [c - r for c, r in scores]
+    return {"n": len(pairs), "pairwise_accuracy": sum(d > 0 for d in diffs) / max(len(diffs), 1),
+            "mean_margin": sum(diffs) / max(len(diffs), 1)}
+
+
+def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference: Any = None,
+                 max_length: int = 1024) -> dict[str, Any]:
+    """Implicit-reward preference accuracy of a policy. `reference` None: the PEFT model with its adapter
+    disabled."""
+
+    def logps(m: Any, which: str) -> list[float]:
+        comps = [getattr(p, which) for p in pairs]
+        return completion_logps(m, tok, [p.prompt for p in pairs], comps, max_length)
+
+    pol_c, pol_r = logps(model, "chosen"), logps(model, "rejected")
+    ctx = model.disable_adapter() if reference is None else nullcontext()
+    with ctx:
+        ref = model if reference is None else reference
+        ref_c, ref_r = logps(ref, "chosen"), logps(ref, "rejected")
+    r_c = [beta * (a - b) for a, b in zip(pol_c, ref_c)]
+    r_r = [beta * (a - b) for a, b in zip(pol_r, ref_r)]
+    margins = [c - r for c, r in zip(r_c, r_r)]
+    n = max(len(margins), 1)
+    return {"n": len(pairs), "preference_accuracy": sum(m > 0 for m in margins) / n,
+            "mean_reward_margin": sum(margins) / n, "chosen_reward": sum(r_c) / n, "rejected_reward": sum(r_r) / n}

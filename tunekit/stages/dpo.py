@@ -1,0 +1,66 @@
+"""Direct Preference Optimization (Rafailov et al., NeurIPS 2023) on TRL 1.16's DPOTrainer:
+
+    loss = −log σ(β [(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
+
+The reference is the model the run starts from (for a chained run: the earlier run's folded result). With a
+PEFT adapter (LoRA, DoRA, PiSSA, MiLoRA, QLoRA) TRL keeps a frozen copy of the freshly initialised adapter as the
+"ref" adapter: base weights are shared (one copy), only the small adapter tensors are doubled. This is exact
+also for PiSSA/MiLoRA, whose base is rewritten to W_res, where merely disabling the adapter would NOT give the
+start model. LoRA-XS, SVFT and full fine-tuning use reference log-probs computed once before training (the start
+model; no second copy of anything).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunekit.config.schema import Recipe
+from tunekit.stages import common
+from tunekit.stages.preference import PreferenceStage
+from tunekit.stages.runner import Context, run_stage
+
+#: methods that are PEFT models, whose initial adapter TRL copies into a frozen "ref" adapter
+PEFT_METHODS = ("lora", "dora", "pissa", "milora")
+
+
+def uses_precomputed_reference(recipe: Recipe) -> bool:
+    return recipe.dpo.precompute_ref_log_probs or recipe.adapter.method not in PEFT_METHODS
+
+
+class DPOStage(PreferenceStage):
+    name = "dpo"
+
+    def build_trainer(self, ctx: Context) -> Any:
+        from trl import DPOConfig, DPOTrainer
+
+        r = ctx.recipe
+        args = common.training_arguments(
+            r, ctx.run, DPOConfig,
+            beta=r.dpo.beta,
+            loss_type=r.dpo.loss_types,
+            loss_weights=r.dpo.loss_weights,
+            label_smoothing=r.dpo.label_smoothing,
+            precompute_ref_log_probs=uses_precomputed_reference(r),
+            max_length=r.data.max_length,
+            truncation_mode=r.dpo.truncation_mode,
+            disable_dropout=True,
+        )
+        ctx.callbacks = common.standard_callbacks(ctx.run, None)
+        return DPOTrainer(
+            model=ctx.model,
+            ref_model=None,
+            args=args,
+            train_dataset=ctx.data.train,
+            eval_dataset=ctx.data.eval,
+            processing_class=ctx.tokenizer,
+            callbacks=ctx.callbacks,
+        )
+
+    def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
+        return {"reference": "precomputed log-probs of the start model" if uses_precomputed_reference(ctx.recipe)
+                else "frozen copy of the initial adapter on the shared base"}
+
+
+def run_dpo(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> common.StageResult:
+    """Train a policy on preference pairs with DPO; returns the finished run."""
+    return run_stage(DPOStage(), recipe, overwrite=overwrite, resume=resume)

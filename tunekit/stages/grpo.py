@@ -1,0 +1,134 @@
+"""Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath) on TRL 1.16's GRPOTrainer.
+
+For each prompt x, G completions y_1..y_G are sampled; r_i = Σ_k w_k · reward_k(x, y_i) from the `rewards:`
+list; A_i = (r_i − mean_j r_j) / std_j r_j (scale_rewards: group / batch / none), and the policy maximises the
+clipped objective min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε) A_i) − β KL(π ‖ π_ref) over the completion tokens.
+Every `grpo.log_completions_steps` steps the latest prompts, completions and per-reward scores go to
+completions.jsonl in the run directory, so reward hacking can be seen; warnings when the completion length or
+one reward's share of the total runs away.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tunekit.config.schema import Recipe
+from tunekit.stages import common
+from tunekit.stages.runner import Context, Stage, StageData, run_stage
+
+
+class PromptStage(Stage):
+    """Data step of the RL stages (grpo, ppo): prompts plus every other column, for the rewards."""
+
+    def load_data(self, recipe: Recipe, tok: Any) -> StageData:
+        from datasets import Dataset
+
+        from tunekit.data.preference import fingerprint_rows, split_records, to_prompt
+        from tunekit.errors import TunekitError
+
+        split = split_records(recipe.data, recipe.train.seed, to_prompt)
+        if not split.train:
+            raise TunekitError("no prompt left for training (data.max_samples or weights too small)")
+        columns = sorted({k for rec in split.train + split.eval for k in rec.columns})
+
+        def rows(records: list[Any]) -> list[dict[str, Any]]:
+            return [{"prompt": r.prompt, **{c: r.columns.get(c) for c in columns}} for r in records]
+
+        train_rows, eval_rows = rows(split.train), rows(split.eval)
+        src = ", ".join(f"{s['path']} x{s['weight']:g} -> {s['used']}" for s in split.sources)
+        summary = f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts ({src})"
+        if columns:
+            summary += f"; columns for the rewards: {', '.join(columns)}"
+        return StageData(
+            Dataset.from_list(train_rows),
+            Dataset.from_list(eval_rows) if eval_rows else None,
+            fingerprint_rows(train_rows, eval_rows),
+            summary,
+            {"train_prompts": len(train_rows), "eval_prompts": len(eval_rows), "columns": columns,
+             "sources": split.sources},
+            sample_prompts=[r.prompt for r in split.eval],
+            sample_references=[r.columns.get("answer", r.columns.get("reference")) for r in split.eval],
+            extra={"eval_records": split.eval},
+        )
+
+
+class CompletionsCallback(TrainerCallback):
+    """Every N steps: the latest generation batch (prompt, completion, each reward, advantage) to
+    completions.jsonl; the run-away watch gets the step's mean completion length and reward means."""
+
+    def __init__(self, path: Any, every: int, watch: Any = None):
+        self.path, self.every, self.watch = path, every, watch
+        self.trainer: Any = None  # set once the trainer exists (its `_logs` hold the latest batch)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.watch is not None and logs:
+            for warning in self.watch.update(state.global_step, logs):
+                from tunekit.console import console
+
+                console.print(f"[yellow]warning: {warning}[/yellow]")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.every or state.global_step % self.every or self.trainer is None:
+            return
+        if not state.is_world_process_zero:
+            return
+        logs = self.trainer._logs
+        rewards = {name: list(v) for name, v in logs["rewards"].items()}
+        with self.path.open("a") as fh:
+            for i, (p, c) in enumerate(zip(list(logs["prompt"]), list(logs["completion"]))):
+                row = {"step": state.global_step, "prompt": p, "completion": c,
+                       "rewards": {k: v[i] for k, v in rewards.items() if i < len(v)},
+                       "advantage": list(logs["advantages"])[i] if i < len(logs["advantages"]) else None}
+                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+class GRPOStage(PromptStage):
+    name = "grpo"
+
+    def build_trainer(self, ctx: Context) -> Any:
+        from trl import GRPOConfig, GRPOTrainer
+
+        from tunekit.generation import _vllm_usable
+        from tunekit.rewards import RunawayWatch, reward_functions
+
+        r, g = ctx.recipe, ctx.recipe.grpo
+        funcs, weights = reward_functions(r.rewards)
+        args = common.training_arguments(
+            r, ctx.run, GRPOConfig,
+            num_generations=g.num_generations,
+            max_completion_length=g.max_completion_length,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            beta=g.beta,
+            epsilon=g.epsilon,
+            num_iterations=g.num_iterations,
+            loss_type=g.loss_type,
+            scale_rewards=g.scale_rewards,
+            mask_truncated_completions=g.mask_truncated_completions,
+            reward_weights=weights,
+            use_vllm=_vllm_usable() if g.use_vllm is None else g.use_vllm,
+            log_completions=False,
+            disable_dropout=True,
+        )
+        watch = RunawayWatch(max_completion_length=g.max_completion_length)
+        completions = CompletionsCallback(ctx.run.path / "completions.jsonl", g.log_completions_steps, watch)
+        ctx.callbacks = [*common.standard_callbacks(ctx.run, None), completions]
+        trainer = GRPOTrainer(
+            model=ctx.model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=ctx.data.train,
+            eval_dataset=ctx.data.eval,
+            processing_class=ctx.tokenizer,
+            callbacks=ctx.callbacks,
+        )
+        completions.trainer = trainer
+        return trainer
+
+
+def run_grpo(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> common.StageResult:
+    """Train a policy with GRPO on prompts and the recipe's rewards; returns the finished run."""
+    return run_stage(GRPOStage(), recipe, overwrite=overwrite, resume=resume)

@@ -1,0 +1,159 @@
+"""The one road every training stage takes (sft, rm, dpo, grpo, ppo, cai's sub-runs).
+
+    prepare output → tokenizer → data → model + adapter → create run → recipe + card → trainer → train
+    → save adapter/model → evaluate → samples → card → rename `.partial` into place
+
+A stage is a `Stage` subclass that supplies only what differs: its data, its model head, its trainer and its
+metrics. Everything a user relies on — output checks before any work, one-line errors, `--resume` from the last
+checkpoint, the progress bar, metrics.jsonl + loss.png, the run card, samples — lives here once, so a new
+stage inherits it. Optional steps after the save (evaluation, samples) cannot lose the trained adapter: a
+failure there is a warning.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunekit.config.schema import Recipe
+from tunekit.console import console
+from tunekit.run.card import run_card
+from tunekit.run.rundir import RunDir
+from tunekit.stages import common
+
+
+@dataclass
+class StageData:
+    """What a stage's data step hands to its trainer: datasets, counts for the log/card, prompts for samples."""
+
+    train: Any
+    eval: Any | None
+    fingerprint: str
+    summary: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    sample_prompts: list[Any] = field(default_factory=list)  # message lists for samples.jsonl
+    sample_references: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific (e.g. eval messages)
+
+
+@dataclass
+class Context:
+    """A run in progress, as the stage hooks see it."""
+
+    recipe: Recipe
+    run: RunDir
+    tokenizer: Any
+    model: Any
+    data: StageData
+    resume: bool
+    collator: Any = None  # counts real/padded tokens for tokens/s, when the stage has one
+    callbacks: list[Any] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Hooks of one stage. Override `load_data` and `build_trainer`; the rest has working defaults."""
+
+    name = "stage"
+
+    def load_tokenizer(self, recipe: Recipe) -> Any:
+        from tunekit.models.load import load_tokenizer
+
+        return load_tokenizer(recipe.model)
+
+    def load_data(self, recipe: Recipe, tok: Any) -> StageData:
+        raise NotImplementedError
+
+    def load_model(self, recipe: Recipe, tok: Any) -> tuple[Any, Any]:
+        """(tokenizer, trainable model): the causal LM with the recipe's adapter attached."""
+        return common.load_trainable(recipe, tok)
+
+    def build_trainer(self, ctx: Context) -> Any:
+        """A transformers/TRL Trainer over ctx.model and ctx.data, with ctx.callbacks attached."""
+        raise NotImplementedError
+
+    def evaluate(self, ctx: Context, trainer: Any) -> dict[str, Any]:
+        """Held-out metrics after training (default: the trainer's own evaluate on the eval split)."""
+        if ctx.data.eval is None:
+            return {}
+        metrics = trainer.evaluate()
+        if "eval_loss" in metrics:
+            console.print(f"eval loss {metrics['eval_loss']:.4f}")
+        return metrics
+
+    def write_samples(self, ctx: Context) -> None:
+        """Greedy generations for held-out prompts (or `generate.prompts`) into samples.jsonl."""
+        common.write_samples(ctx.recipe, ctx.run, ctx.model, ctx.tokenizer, ctx.data)
+
+    def save(self, ctx: Context, trainer: Any) -> Any:
+        return common.save_outputs(ctx.recipe, ctx.run, ctx.model, ctx.tokenizer)
+
+    def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
+        """Stage-specific entries for the finished run card."""
+        return {}
+
+
+def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: bool = False) -> common.StageResult:
+    """Train, save and evaluate `recipe` with `stage`; returns the finished run directory and the model."""
+    from transformers import PrinterCallback, set_seed
+
+    # 1. Output: fail before any work if it exists (or an interrupted run is in the way).
+    run = RunDir.prepare(common.output_of(recipe), overwrite=overwrite, resume=resume)
+    set_seed(recipe.train.seed)
+    # 2. Data first: a bad record fails in seconds, before the model loads. Nothing is written until 3 is done.
+    tok = stage.load_tokenizer(recipe)
+    data = stage.load_data(recipe, tok)
+    console.print(data.summary)
+    # 3. Model and adapter.
+    tok, model = stage.load_model(recipe, tok)
+    run.create()
+    ctx = Context(recipe, run, tok, model, data, resume)
+    try:
+        common.write_recipe(recipe, run)
+        ctx.card = run_card(stage.name, recipe.train.seed, data.fingerprint, {"data": data.counts})
+        chain = getattr(model, "tunekit_chain", None)
+        if chain:
+            ctx.card["chained_from"] = chain
+        run.write_json("run_card.json", ctx.card)
+        # 4. Trainer, with our progress bar and metrics.jsonl in place of its prints.
+        trainer = stage.build_trainer(ctx)
+        trainer.remove_callback(PrinterCallback)
+        checkpoint = run.latest_checkpoint() if resume else None
+        if resume:
+            console.print(f"resuming from {checkpoint.name}" if checkpoint else "no checkpoint yet: starting over")
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.perf_counter() - started
+        # 5. Save the adapter (or model) before anything optional can fail.
+        target = stage.save(ctx, trainer)
+        metrics = dict(result.metrics)
+        # 6. Held-out metrics and sample generations: a failure here keeps the trained adapter.
+        for what, step in (("evaluation", stage.evaluate), ("sample generation", stage.write_samples)):
+            try:
+                out = step(ctx, trainer) if step is stage.evaluate else step(ctx)
+            except Exception as exc:  # noqa: BLE001 - optional step; the adapter is already saved
+                console.print(f"[yellow]warning: {what} failed ({type(exc).__name__}: {exc}); "
+                              f"the trained {target.name}/ is kept[/yellow]")
+                ctx.card.setdefault("warnings", []).append(f"{what} failed: {type(exc).__name__}: {exc}")
+                continue
+            if isinstance(out, dict):
+                metrics.update(out)
+        metrics_cb = next((c for c in ctx.callbacks if hasattr(c, "loop_seconds")), None)
+        ctx.card.update(
+            finished=True,
+            train_seconds=round(train_seconds, 2),
+            train_loop_seconds=round(getattr(metrics_cb, "loop_seconds", None) or 0.0, 3),
+            train_loop_tokens=getattr(metrics_cb, "loop_tokens", 0),
+            global_step=trainer.state.global_step,
+            metrics=metrics,
+            output=target.name,
+            **stage.finish_card(ctx, trainer),
+        )
+        run.write_json("run_card.json", ctx.card)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted; continue with --resume (work kept at {run.path})[/yellow]")
+        raise
+    final = run.finish()
+    console.print(f"[green]done:[/green] {final}")
+    return common.StageResult(final, model, tok, metrics)
