@@ -1,0 +1,293 @@
+"""The sandbox's supervisor process: confine one untrusted Python program, run it, kill everything it started.
+
+Run as `python -I -S sandbox_supervisor.py` with a JSON job on stdin (written by tunekit/rewards/sandbox.py);
+prints one JSON line. It is a standalone stdlib-only script (no tunekit import) so it starts in tens of
+milliseconds; it is single-threaded, so forking here is safe, unlike in the multi-threaded training process.
+
+Layers (each one is reported in the result's `layers`; docs/rewards.md says what each guarantees):
+- namespaces (root): unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC) before forking the program, so it has
+  only a loopback-less network namespace and is PID 1 of its own PID namespace: when it dies or is killed, the
+  kernel kills every process it started.
+- credentials (root): the program runs as a dedicated uid/gid with no supplementary groups, so RLIMIT_NPROC binds
+  and it cannot touch root's files; after the run every process of that uid is SIGKILLed (kill(-1) as that uid).
+- rlimits: CPU seconds, address space, file size, processes, open files, no core dumps.
+- Landlock (kernel >= 5.13): file access only to the interpreter, its standard library and system library
+  directories (read/execute) and the working directory (read/write); TCP bind/connect denied (ABI >= 4); signals
+  and abstract unix sockets scoped to the sandbox (ABI >= 6).
+- process group: the program is a session leader; on the wall-clock deadline its whole group is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+
+# Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on every architecture.
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1, 2, 4, 8
+FS_ALL_V1 = (1 << 13) - 1
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
+
+OUTPUT_CAP = 256 * 1024  # bytes of the program's stdout/stderr kept; the rest is read and dropped
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _landlock_abi() -> int:
+    abi = _libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return int(abi) if abi > 0 else 0
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _landlock_ruleset(abi: int, read_paths: list[str], write_paths: list[str], device_files: list[str]) -> int:
+    """Build a ruleset fd: read/execute under `read_paths`, everything under `write_paths`, nothing else."""
+    fs = FS_ALL_V1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
+    fs |= FS_IOCTL_DEV if abi >= 5 else 0
+    attr = _RulesetAttr(fs, (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0,
+                        (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    fd = _libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
+                       ctypes.c_uint32(0))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    file_rights = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | (FS_TRUNCATE if abi >= 3 else 0)
+    rules = [(p, FS_EXECUTE | FS_READ_FILE | FS_READ_DIR) for p in read_paths]
+    rules += [(p, fs) for p in write_paths]
+    rules += [(p, FS_READ_FILE | FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0)) for p in device_files]
+    for path, access in rules:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if not os.path.isdir(path):
+            access &= file_rights
+        rule = _PathBeneathAttr(access, pfd)
+        rc = _libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(fd),
+                           ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
+        os.close(pfd)
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
+    return int(fd)
+
+
+def _set_limits(limits: dict) -> None:
+    cpu = int(limits["cpu_seconds"])
+    pairs = {
+        resource.RLIMIT_CPU: (cpu, cpu + 1),
+        resource.RLIMIT_AS: (int(limits["memory_bytes"]),) * 2,
+        resource.RLIMIT_FSIZE: (int(limits["file_size_bytes"]),) * 2,
+        resource.RLIMIT_NPROC: (int(limits["processes"]),) * 2,
+        resource.RLIMIT_NOFILE: (int(limits["open_files"]),) * 2,
+        resource.RLIMIT_CORE: (0, 0),
+    }
+    for which, value in pairs.items():
+        resource.setrlimit(which, value)
+
+
+def _child(job: dict, ruleset_fd: int, stdout_w: int, stdin_r: int) -> None:
+    """In the forked child: drop to the sandbox credentials, confine, exec the interpreter. Never returns."""
+    try:
+        os.setsid()
+        os.dup2(stdin_r, 0)
+        os.dup2(stdout_w, 1)
+        os.dup2(stdout_w, 2)
+        os.closerange(3, ruleset_fd)
+        os.closerange(ruleset_fd + 1, 65536) if ruleset_fd >= 3 else os.closerange(3, 65536)
+        os.chdir(job["workdir"])
+        _set_limits(job["limits"])
+        if job["drop_privileges"]:
+            os.setgroups([])
+            os.setgid(job["gid"])
+            os.setuid(job["uid"])
+        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            os._exit(126)
+        if ruleset_fd >= 0:
+            if _libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd),
+                             ctypes.c_uint32(0)) != 0:
+                os._exit(126)
+            os.close(ruleset_fd)
+        interpreter = job["interpreter"]
+        os.execve(interpreter, [interpreter, "-I", "-S", "-B", "-c", job["runner"]], job["env"])
+    except BaseException:  # noqa: BLE001 - whatever happens here, the child must not return into the supervisor
+        os._exit(127)
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(name))
+                        break
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _sweep_uid(uid: int) -> bool:
+    """SIGKILL every process whose real uid is the sandbox's (found in /proc); True when any was found.
+
+    (No fork here: after the PID namespace's init died, this process can no longer fork.)"""
+    found = False
+    for _ in range(50):
+        pids = _processes_of(uid)
+        if not pids:
+            break
+        found = True
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+    return found
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    layers: list[str] = []
+    is_root = os.geteuid() == 0
+    job["drop_privileges"] = bool(is_root)
+    if job.get("namespaces", True):
+        flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC
+        if not is_root:
+            flags |= CLONE_NEWUSER
+        if _libc.unshare(flags) == 0:
+            layers += ["netns", "pidns"] + (["userns"] if not is_root else [])
+    if is_root:
+        layers.append(f"uid:{job['uid']}")
+    layers.append("rlimits")
+    ruleset_fd = -1
+    abi = _landlock_abi() if job.get("landlock", True) else 0
+    if abi:
+        try:
+            ruleset_fd = _landlock_ruleset(abi, job["read_paths"], [job["workdir"]], ["/dev/null"])
+            layers.append(f"landlock:v{abi}")
+        except OSError:
+            ruleset_fd = -1
+    hook = []
+    if "netns" not in layers and not (abi >= 4 and ruleset_fd >= 0):
+        hook.append("net")
+    if ruleset_fd < 0:
+        hook.append("fs")
+    job["env"]["TUNEKIT_SANDBOX_GUARDS"] = ",".join(hook)
+    job["env"]["TUNEKIT_SANDBOX_PIDNS"] = "1" if "pidns" in layers else "0"
+    if hook:
+        layers.append("audit-hook:" + "+".join(hook))
+
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_r)
+        os.close(in_w)
+        _child(job, ruleset_fd, out_w, in_r)
+    os.close(out_w)
+    os.close(in_r)
+    os.close(in_w)
+    if ruleset_fd >= 0:
+        os.close(ruleset_fd)
+
+    deadline = start + float(job["timeout"])
+    chunks: list[bytes] = []
+    kept = 0
+    timed_out = False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        ready, _, _ = select.select([out_r], [], [], left)
+        if not ready:
+            continue
+        data = os.read(out_r, 65536)
+        if not data:
+            break
+        if kept < OUTPUT_CAP:
+            chunks.append(data[: OUTPUT_CAP - kept])
+            kept += len(chunks[-1])
+    status = None
+    if not timed_out:
+        # The output closed: the program exited (or closed its output); give it until the deadline to finish.
+        while True:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+                break
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(0.005)
+    # Kill its process group, and PID 1 of the namespace (the kernel then kills every process in it).
+    targets = [lambda: os.killpg(pid, signal.SIGKILL)]
+    if status is None:
+        targets.append(lambda: os.kill(pid, signal.SIGKILL))
+    for target in targets:
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+    os.close(out_r)
+    leftover = _sweep_uid(job["uid"]) if is_root else False
+    elapsed = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    json.dump(
+        {
+            "exit_code": code,
+            "timed_out": timed_out,
+            "elapsed": round(elapsed, 4),
+            "output": b"".join(chunks).decode("utf-8", "replace"),
+            "layers": layers,
+            "leftover_processes": leftover,
+        },
+        sys.stdout,
+    )
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            sys.exit(1)
+        raise
