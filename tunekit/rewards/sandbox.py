@@ -94,7 +94,7 @@ def _world_executable(path: str) -> bool:
     return bool(mode & stat.S_IXOTH and mode & stat.S_IROTH)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sandbox_interpreter(preferred: str | None = None) -> str:
     """The Python that runs sandboxed code: `preferred`, else this interpreter when the sandbox uid can run it,
     else the system python3 (generated code needs only the standard library)."""
@@ -112,7 +112,7 @@ def sandbox_interpreter(preferred: str | None = None) -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interpreter_read_paths(interpreter: str) -> tuple[str, ...]:
     """Folders the sandboxed interpreter must read: its standard library, lib-dynload and shared libraries."""
     probe = (
