@@ -152,11 +152,16 @@ class RewardSet:
 
     @classmethod
     def from_specs(cls, specs: Sequence[RewardSpec | dict]) -> RewardSet:
+        from pydantic import ValidationError
+
         from tunekit.rewards.spec import RewardSpec
 
         funcs, weights = [], []
         for i, spec in enumerate(specs):
-            spec = spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec)
+            try:
+                spec = spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec)
+            except ValidationError as exc:
+                raise TunekitError(f"rewards[{i}]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
             try:
                 funcs.append(get_reward(spec.name, **spec.params))
             except TunekitError as exc:
