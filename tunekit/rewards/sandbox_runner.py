@@ -44,7 +44,8 @@ def _main() -> None:
                      "gc.get_referents"}
     frame_attributes = {"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"}
     path_events = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
-                   "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "os.listdir", "os.scandir"}
+                   "os.symlink", "os.truncate", "os.utime", "shutil.rmtree"}
+    listing_events = {"os.listdir", "os.scandir"}
     spawn_events = {"os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "os.startfile"}
     net_events = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"}
 
@@ -64,6 +65,8 @@ def _main() -> None:
                 raise deny(f"sandbox: cannot start programs ({event})")
         if "fs" in guards:
             if event == "open" and args and not _under(args[0], readable if _reads_only(args) else (cwd,)):
+                raise deny(f"sandbox: {args[0]!r} is outside the working directory")
+            if event in listing_events and args and not _under(args[0] if args[0] is not None else ".", readable):
                 raise deny(f"sandbox: {args[0]!r} is outside the working directory")
             if event in path_events and args and not _under(args[0], (cwd,)):
                 raise deny(f"sandbox: {args[0]!r} is outside the working directory")
@@ -90,6 +93,11 @@ def _main() -> None:
                 passed += 1
             except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the test too
                 _report(f"test {i}: {type(exc).__name__}: {exc}")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the program may have closed or replaced its streams
+            pass
     leftover = 0
     if in_pidns:  # PID 1 of its own namespace: any other process still alive was left running by the program
         try:
