@@ -55,7 +55,8 @@ def run_timed(sandbox: Sandbox, code: str, tests):
 
 
 def test_good_program_scores_and_layers(sandbox):
-    result = run_timed(sandbox, "def add(a, b):\n    return a + b\n", ["assert add(1, 2) == 3", "assert add(2, 2) == 4"])
+    add = "def add(a, b):\n    return a + b\n"
+    result = run_timed(sandbox, add, ["assert add(1, 2) == 3", "assert add(2, 2) == 4"])
     assert result.score() == 1.0 and (result.passed, result.total) == (2, 2)
     if os.geteuid() == 0:
         assert {"netns", "pidns", "rlimits"} <= set(result.layers)
@@ -69,6 +70,9 @@ def test_good_program_scores_and_layers(sandbox):
                        "P = collections.namedtuple('P', 'x y')\nclass E(enum.Enum):\n    A = 1\n"
                        "@dataclasses.dataclass\nclass D:\n    a: int = 1\n", ["assert P(1, 2).y + D().a == 3"])
     assert stdlib.score() == 1.0, stdlib.output
+    # megabytes of output: kept bounded (head + tail), the verdict at the end still read
+    chatty = run_timed(sandbox, "for i in range(200000):\n    print('spam', i)\n", ["assert i == 199999"])
+    assert chatty.score() == 1.0 and len(chatty.output) <= 4000
 
 
 def test_infinite_loop_is_killed(sandbox):

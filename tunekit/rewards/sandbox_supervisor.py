@@ -48,7 +48,10 @@ FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
 
-OUTPUT_CAP = 256 * 1024  # bytes of the program's stdout/stderr kept; the rest is read and dropped
+# Bytes of the program's stdout/stderr kept: the head and the tail (where the runner's verdict is); the middle
+# is read and dropped, so a program printing without end costs no memory.
+HEAD_CAP = 64 * 1024
+TAIL_CAP = 64 * 1024
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -226,8 +229,9 @@ def main() -> None:
         os.close(ruleset_fd)
 
     deadline = start + float(job["timeout"])
-    chunks: list[bytes] = []
-    kept = 0
+    head = bytearray()
+    tail = bytearray()
+    dropped = 0
     timed_out = False
     while True:
         left = deadline - time.monotonic()
@@ -240,9 +244,14 @@ def main() -> None:
         data = os.read(out_r, 65536)
         if not data:
             break
-        if kept < OUTPUT_CAP:
-            chunks.append(data[: OUTPUT_CAP - kept])
-            kept += len(chunks[-1])
+        room = HEAD_CAP - len(head)
+        if room > 0:
+            head += data[:room]
+            data = data[room:]
+        tail += data
+        if len(tail) > TAIL_CAP:
+            dropped += len(tail) - TAIL_CAP
+            del tail[: len(tail) - TAIL_CAP]
     status = None
     if not timed_out:
         # The output closed: the program exited (or closed its output); give it until the deadline to finish.
@@ -275,7 +284,8 @@ def main() -> None:
             "exit_code": code,
             "timed_out": timed_out,
             "elapsed": round(elapsed, 4),
-            "output": b"".join(chunks).decode("utf-8", "replace"),
+            "output": (bytes(head) + (b"\n[... %d bytes dropped ...]\n" % dropped if dropped else b"")
+                       + bytes(tail)).decode("utf-8", "replace"),
             "layers": layers,
             "leftover_processes": leftover,
         },
