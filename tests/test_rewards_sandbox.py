@@ -223,3 +223,16 @@ def test_code_tests_reward_parallel():
     out = fn(prompts=["p"] * 4, completions=completions, completion_ids=None, tests=tests, trainer_state=None)
     assert out == [1.0, 0.5, 0.0, None]
     assert time.monotonic() - start < TIMEOUT + 2 * SLACK
+
+
+def test_a_broken_sandbox_is_an_error_not_a_zero():
+    """When the sandbox itself cannot start Python, every completion would score 0: it is an error instead."""
+    from tunekit.errors import TunekitError
+
+    sb = Sandbox(SandboxLimits(timeout=TIMEOUT))
+    sb.read_paths = []  # Landlock then forbids executing the interpreter
+    if os.geteuid() != 0 and not any(layer.startswith("landlock") for layer in sb.run("x = 1", ["pass"]).layers):
+        pytest.skip("needs Landlock")
+    with pytest.raises(TunekitError, match="the sandbox itself failed \\(sandbox setup: exec: "
+                                           "PermissionError"):
+        sb.run("x = 1", ["assert x == 1"])

@@ -70,6 +70,7 @@ class SandboxResult:
     layers: list[str] = field(default_factory=list)
     leftover_processes: bool = False
     verdict: bool = False
+    started: bool = False
 
     def score(self, partial: bool = False) -> float:
         """1.0 when every test passed (or passed/total with `partial`); 0.0 after a timeout, a crash before the
@@ -216,10 +217,21 @@ class Sandbox:
             "landlock": self.landlock,
             "env": env,
         }
-        return _parse(_supervise(job, self.limits.timeout + 15.0), nonce)
+        result = _parse(_supervise(job, self.limits.timeout + 15.0, uid if is_root else None), nonce)
+        if not result.started and not result.timed_out:
+            # The runner prints its start line before the program runs, so this is the sandbox's failure, never
+            # the program's: say so instead of scoring every completion 0.
+            raise TunekitError(f"code_tests: the sandbox itself failed ({_last_line(result.output)}); "
+                               f"layers: {', '.join(result.layers) or 'none'}")
+        return result
 
 
-def _supervise(job: dict, outer_timeout: float) -> dict:
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _supervise(job: dict, outer_timeout: float, sweep_uid: int | None) -> dict:
     """Start the supervisor (its own session) and wait for its one-line report; kill it if it overstays."""
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", str(SUPERVISOR)],
@@ -232,14 +244,23 @@ def _supervise(job: dict, outer_timeout: float) -> dict:
     try:
         out, err = proc.communicate(json.dumps(job).encode(), timeout=outer_timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the program dies with it (PR_SET_PDEATHSIG) ...
         proc.communicate()
+        if sweep_uid is not None:  # ... and anything it started is found by its uid
+            from tunekit.rewards.sandbox_supervisor import _sweep_uid
+
+            _sweep_uid(sweep_uid)
         return {"exit_code": None, "timed_out": True, "elapsed": outer_timeout, "output": "supervisor timed out"}
     try:
         return json.loads(out.decode().strip().splitlines()[-1])
     except (IndexError, ValueError):
+        if sweep_uid is not None:
+            from tunekit.rewards.sandbox_supervisor import _sweep_uid
+
+            _sweep_uid(sweep_uid)
+        tail = err.decode("utf-8", "replace").strip().splitlines()
         return {"exit_code": proc.returncode, "timed_out": False, "elapsed": 0.0,
-                "output": "supervisor failed: " + err.decode("utf-8", "replace")[-2000:]}
+                "output": f"supervisor exited with {proc.returncode}" + (f": {tail[-1]}" if tail else "")}
 
 
 def _parse(report: dict, nonce: str) -> SandboxResult:
@@ -248,6 +269,7 @@ def _parse(report: dict, nonce: str) -> SandboxResult:
     leftover = bool(report.get("leftover_processes", False))
     verdict = False
     lines = output.splitlines()
+    started = f"{nonce} started" in lines
     for line in reversed(lines):
         parts = line.split()
         if len(parts) == 4 and parts[0] == nonce:
@@ -266,4 +288,5 @@ def _parse(report: dict, nonce: str) -> SandboxResult:
         layers=list(report.get("layers", [])),
         leftover_processes=leftover,
         verdict=verdict,
+        started=started,
     )

@@ -21,6 +21,7 @@ def _main() -> None:
     os.unlink(".payload.json")
     nonce = job.pop("nonce")
     verdict_fd = os.dup(1)
+    os.write(verdict_fd, f"\n{nonce} started\n".encode())  # before the program: proof the sandbox itself works
     guards = set(filter(None, os.environ.get("TUNEKIT_SANDBOX_GUARDS", "").split(",")))
     in_pidns = os.environ.get("TUNEKIT_SANDBOX_PIDNS") == "1" and os.getpid() == 1
     cwd = os.path.realpath(os.getcwd())
@@ -77,7 +78,7 @@ def _main() -> None:
         return not any(c in mode for c in "wax+") and not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
 
     sys.addaudithook(_hook)
-    scope = {"__name__": "__main__", "__builtins__": __builtins__}
+    scope = {"__name__": "solution", "__builtins__": __builtins__}  # `if __name__ == "__main__":` blocks don't run
     passed = 0
     tests = _split_tests(job["tests"])
     try:

@@ -119,31 +119,46 @@ def _set_limits(limits: dict) -> None:
 
 
 def _child(job: dict, ruleset_fd: int, stdout_w: int, stdin_r: int) -> None:
-    """In the forked child: drop to the sandbox credentials, confine, exec the interpreter. Never returns."""
+    """In the forked child: drop to the sandbox credentials, confine, exec the interpreter. Never returns.
+    A failure here is the sandbox's, not the program's: it is written to the output as `sandbox setup: ...`."""
+    step = "fds"
     try:
         os.setsid()
         os.dup2(stdin_r, 0)
         os.dup2(stdout_w, 1)
         os.dup2(stdout_w, 2)
-        os.closerange(3, ruleset_fd)
-        os.closerange(ruleset_fd + 1, 65536) if ruleset_fd >= 3 else os.closerange(3, 65536)
+        keep = -1
+        if ruleset_fd >= 0:
+            keep = os.dup2(ruleset_fd, 3, inheritable=False) if ruleset_fd != 3 else 3
+        os.closerange(4 if keep >= 0 else 3, 65536)
+        step = "chdir"
         os.chdir(job["workdir"])
+        step = "rlimits"
         _set_limits(job["limits"])
         if job["drop_privileges"]:
+            step = "credentials"
             os.setgroups([])
             os.setgid(job["gid"])
             os.setuid(job["uid"])
+        step = "no_new_privs"
+        # Die with the supervisor (set after setuid, which clears it; kept across exec of a non-setuid binary).
+        if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            os._exit(126)
-        if ruleset_fd >= 0:
-            if _libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd),
-                             ctypes.c_uint32(0)) != 0:
-                os._exit(126)
-            os.close(ruleset_fd)
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if keep >= 0:
+            step = "landlock"
+            if _libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(keep), ctypes.c_uint32(0)) != 0:
+                raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+            os.close(keep)
+        step = "exec"
         interpreter = job["interpreter"]
         os.execve(interpreter, [interpreter, "-I", "-S", "-B", "-c", job["runner"]], job["env"])
-    except BaseException:  # noqa: BLE001 - whatever happens here, the child must not return into the supervisor
-        os._exit(127)
+    except BaseException as exc:  # noqa: BLE001 - whatever happens here, the child must not return into the supervisor
+        try:
+            os.write(1, f"\nsandbox setup: {step}: {type(exc).__name__}: {exc}\n".encode())
+        finally:
+            os._exit(127)
 
 
 def _processes_of(uid: int) -> list[int]:
@@ -153,9 +168,12 @@ def _processes_of(uid: int) -> list[int]:
             continue
         try:
             with open(f"/proc/{name}/status", encoding="ascii", errors="replace") as f:
+                zombie = False
                 for line in f:
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
+                    if line.startswith("State:"):
+                        zombie = line.split()[1] in ("Z", "X")  # already dead, waiting for its parent
+                    elif line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid and not zombie:
                             pids.append(int(name))
                         break
         except (OSError, ValueError):
