@@ -59,7 +59,7 @@ def test_good_program_scores_and_layers(sandbox):
     result = run_timed(sandbox, add, ["assert add(1, 2) == 3", "assert add(2, 2) == 4"])
     assert result.score() == 1.0 and (result.passed, result.total) == (2, 2)
     if os.geteuid() == 0:
-        assert {"netns", "pidns", "rlimits"} <= set(result.layers)
+        assert {"netns", "pidns", "rlimits"} <= set(result.layers), result.layers
         assert any(layer.startswith("uid:") for layer in result.layers)
     # a tests string: each top-level assert is one test; other statements are setup
     half = run_timed(sandbox, "def add(a, b):\n    return a + b\n",
@@ -83,6 +83,29 @@ def test_infinite_loop_is_killed(sandbox):
 def test_huge_allocation_fails(sandbox):
     result = run_timed(sandbox, "x = bytearray(10 * 1024 ** 3)\n", ["assert len(x) == 10 * 1024 ** 3"])
     assert result.score() == 0.0 and "MemoryError" in result.output
+
+
+def test_memory_of_the_whole_tree_is_bounded():
+    # 4 processes x 120 MB: each is under the per-process address-space limit (200 MB), the tree (480 MB) is not.
+    sb = Sandbox(SandboxLimits(timeout=10, memory_mb=200, processes=16))
+    code = (
+        "import os\n"
+        "pids = []\n"
+        "for _ in range(4):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        block = bytearray(120 * 1024 * 1024)\n"
+        "        for i in range(0, len(block), 4096):\n            block[i] = 1\n"
+        "        os._exit(0)\n"
+        "    pids.append(pid)\n"
+        "codes = [os.waitpid(p, 0)[1] for p in pids]\n"
+    )
+    result = sb.run(code, ["assert codes == [0, 0, 0, 0]"])
+    if not any(layer.startswith("cgroup") for layer in result.layers):
+        pytest.skip("no writable cgroups here: memory is bounded per process only")
+    assert result.score() == 0.0 and result.memory_limit_hit, result
+    assert not result.timed_out  # the kernel's OOM killer acted inside the cgroup, the program went on
+    assert sandbox_processes() == []
 
 
 def test_fork_bomb_is_bounded_and_reaped(sandbox):

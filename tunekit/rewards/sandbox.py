@@ -71,6 +71,7 @@ class SandboxResult:
     leftover_processes: bool = False
     verdict: bool = False
     started: bool = False
+    memory_limit_hit: bool = False
 
     def score(self, partial: bool = False) -> float:
         """1.0 when every test passed (or passed/total with `partial`); 0.0 after a timeout, a crash before the
@@ -149,8 +150,8 @@ _UIDS = _UidPool()
 
 
 class Sandbox:
-    """Run untrusted Python against tests. `namespaces`/`landlock` switch kernel layers off (to test the
-    audit-hook fallback); `workers` bounds how many programs run at once."""
+    """Run untrusted Python against tests. `namespaces`/`landlock`/`cgroups` switch kernel layers off (to test
+    the fallbacks); `workers` bounds how many programs run at once."""
 
     def __init__(
         self,
@@ -159,6 +160,7 @@ class Sandbox:
         interpreter: str | None = None,
         namespaces: bool = True,
         landlock: bool = True,
+        cgroups: bool = True,
         tmp_dir: str | None = None,
     ) -> None:
         self.limits = limits or SandboxLimits()
@@ -167,6 +169,7 @@ class Sandbox:
         self.read_paths = list(_interpreter_read_paths(self.interpreter))
         self.namespaces = namespaces
         self.landlock = landlock
+        self.cgroups = cgroups
         self.tmp_dir = tmp_dir
         self._runner_source = RUNNER.read_text()
 
@@ -215,6 +218,7 @@ class Sandbox:
             "read_paths": self.read_paths,
             "namespaces": self.namespaces,
             "landlock": self.landlock,
+            "cgroups": self.cgroups,
             "env": env,
         }
         result = _parse(_supervise(job, self.limits.timeout + 15.0, uid if is_root else None), nonce)
@@ -224,6 +228,20 @@ class Sandbox:
             raise TunekitError(f"code_tests: the sandbox itself failed ({_last_line(result.output)}); "
                                f"layers: {', '.join(result.layers) or 'none'}")
         return result
+
+
+def _clean_up_after(supervisor_pid: int, uid: int | None) -> None:
+    """After a supervisor died or overstayed: kill what its program started (by uid) and remove its cgroups."""
+    if uid is None:
+        return
+    from tunekit.rewards.sandbox_supervisor import _remove_cgroups, _sweep_uid, cgroup_folders
+
+    _sweep_uid(uid)
+    try:
+        folders, _ = cgroup_folders(f"tunekit-sandbox-{supervisor_pid}")
+    except OSError:
+        return
+    _remove_cgroups([folder for folder, _ in folders if os.path.isdir(folder)])
 
 
 def _last_line(text: str) -> str:
@@ -246,18 +264,12 @@ def _supervise(job: dict, outer_timeout: float, sweep_uid: int | None) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the program dies with it (PR_SET_PDEATHSIG) ...
         proc.communicate()
-        if sweep_uid is not None:  # ... and anything it started is found by its uid
-            from tunekit.rewards.sandbox_supervisor import _sweep_uid
-
-            _sweep_uid(sweep_uid)
+        _clean_up_after(proc.pid, sweep_uid)
         return {"exit_code": None, "timed_out": True, "elapsed": outer_timeout, "output": "supervisor timed out"}
     try:
         return json.loads(out.decode().strip().splitlines()[-1])
     except (IndexError, ValueError):
-        if sweep_uid is not None:
-            from tunekit.rewards.sandbox_supervisor import _sweep_uid
-
-            _sweep_uid(sweep_uid)
+        _clean_up_after(proc.pid, sweep_uid)
         tail = err.decode("utf-8", "replace").strip().splitlines()
         return {"exit_code": proc.returncode, "timed_out": False, "elapsed": 0.0,
                 "output": f"supervisor exited with {proc.returncode}" + (f": {tail[-1]}" if tail else "")}
@@ -289,4 +301,5 @@ def _parse(report: dict, nonce: str) -> SandboxResult:
         leftover_processes=leftover,
         verdict=verdict,
         started=started,
+        memory_limit_hit=bool(report.get("memory_limit_hit", False)),
     )

@@ -123,6 +123,7 @@ def _child(job: dict, ruleset_fd: int, stdout_w: int, stdin_r: int) -> None:
     A failure here is the sandbox's, not the program's: it is written to the output as `sandbox setup: ...`."""
     step = "fds"
     try:
+        os.read(stdin_r, 1)  # wait until the supervisor has put this process into its cgroups
         os.setsid()
         os.dup2(stdin_r, 0)
         os.dup2(stdout_w, 1)
@@ -200,6 +201,105 @@ def _sweep_uid(uid: int) -> bool:
     return found
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _own_cgroup(controller: str | None) -> str | None:
+    """This process's cgroup path for a v1 controller, or its v2 path (controller None)."""
+    with open("/proc/self/cgroup", encoding="ascii") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            names = controllers.split(",") if controllers else []
+            if (controller is None and not names) or (controller is not None and controller in names):
+                return path
+    return None
+
+
+def _write(folder: str, name: str, value: str) -> None:
+    with open(os.path.join(folder, name), "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def cgroup_folders(name: str) -> tuple[list[tuple[str, list[tuple[str, str]]]], str]:
+    """Where the cgroups of run `name` live: [(folder, [(file, limit key)])], and "v1"/"v2"."""
+    if os.path.isfile(f"{CGROUP_ROOT}/cgroup.controllers"):
+        folder = f"{CGROUP_ROOT}{_own_cgroup(None) or '/'}".rstrip("/") + f"/{name}"
+        return [(folder, [("memory.max", "memory"), ("pids.max", "pids"), ("memory.swap.max", "zero")])], "v2"
+    settings = {"memory": [("memory.limit_in_bytes", "memory"), ("memory.memsw.limit_in_bytes", "memory")],
+                "pids": [("pids.max", "pids")]}
+    out = []
+    for controller, files in settings.items():
+        own = _own_cgroup(controller)
+        if own is not None and os.path.isdir(f"{CGROUP_ROOT}/{controller}"):
+            out.append((f"{CGROUP_ROOT}/{controller}{own}".rstrip("/") + f"/{name}", files))
+    return out, "v1"
+
+
+def _make_cgroups(name: str, limits: dict) -> tuple[list[str], str]:
+    """Cgroups bounding the whole process tree: memory (no swap) and process count. ([folders], "v1"/"v2"), or
+    ([], "") where cgroups are not writable (then only the per-process rlimits bound memory)."""
+    values = {"memory": str(int(limits["memory_bytes"])), "pids": str(int(limits["processes"])), "zero": "0"}
+    made: list[str] = []
+    try:
+        folders, version = cgroup_folders(name)
+        for folder, files in folders:
+            os.mkdir(folder)
+            made.append(folder)
+            _CLEANUP.append(folder)
+            for file, key in files:
+                required = file in ("memory.max", "pids.max", "memory.limit_in_bytes", "pids.max")
+                if required or os.path.isfile(os.path.join(folder, file)):
+                    _write(folder, file, values[key])
+        return made, (version if made else "")
+    except (OSError, ValueError):
+        _remove_cgroups(made)
+        return [], ""
+
+
+_CLEANUP: list[str] = []
+
+
+def _memory_limit_hit(folders: list[str]) -> bool:
+    for folder in folders:
+        for file, key in (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")):
+            try:
+                with open(os.path.join(folder, file), encoding="ascii") as f:
+                    for line in f:
+                        parts = line.split()
+                        if len(parts) == 2 and parts[0] == key and int(parts[1]) > 0:
+                            return True
+            except (OSError, ValueError):
+                continue
+        try:
+            with open(os.path.join(folder, "memory.failcnt"), encoding="ascii") as f:
+                if int(f.read().strip() or 0) > 0:
+                    return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def _remove_cgroups(folders: list[str]) -> None:
+    """SIGKILL whatever is still in each cgroup, then remove it."""
+    for folder in folders:
+        for _ in range(200):
+            try:
+                with open(os.path.join(folder, "cgroup.procs"), encoding="ascii") as f:
+                    pids = [int(x) for x in f.read().split()]
+            except OSError:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.rmdir(folder)
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
 def main() -> None:
     job = json.load(sys.stdin)
     layers: list[str] = []
@@ -213,6 +313,10 @@ def main() -> None:
             layers += ["netns", "pidns"] + (["userns"] if not is_root else [])
     if is_root:
         layers.append(f"uid:{job['uid']}")
+    cgroups, cgroup_version = _make_cgroups(f"tunekit-sandbox-{os.getpid()}", job["limits"]) if (
+        is_root and job.get("cgroups", True)) else ([], "")
+    if cgroups:
+        layers.append(f"cgroup:{cgroup_version}")
     layers.append("rlimits")
     ruleset_fd = -1
     abi = _landlock_abi() if job.get("landlock", True) else 0
@@ -242,6 +346,12 @@ def main() -> None:
         _child(job, ruleset_fd, out_w, in_r)
     os.close(out_w)
     os.close(in_r)
+    for folder in cgroups:  # the child waits for this byte: it is in its cgroups before it runs anything
+        try:
+            _write(folder, "cgroup.procs", str(pid))
+        except OSError:
+            pass
+    os.write(in_w, b"g")
     os.close(in_w)
     if ruleset_fd >= 0:
         os.close(ruleset_fd)
@@ -295,6 +405,8 @@ def main() -> None:
         _, status = os.waitpid(pid, 0)
     os.close(out_r)
     leftover = _sweep_uid(job["uid"]) if is_root else False
+    memory_limit_hit = _memory_limit_hit(cgroups)
+    _remove_cgroups(cgroups)
     elapsed = time.monotonic() - start
     code = os.waitstatus_to_exitcode(status)
     json.dump(
@@ -306,6 +418,7 @@ def main() -> None:
                        + bytes(tail)).decode("utf-8", "replace"),
             "layers": layers,
             "leftover_processes": leftover,
+            "memory_limit_hit": memory_limit_hit,
         },
         sys.stdout,
     )
@@ -319,3 +432,5 @@ if __name__ == "__main__":
         if exc.errno == errno.EPIPE:
             sys.exit(1)
         raise
+    finally:
+        _remove_cgroups(_CLEANUP)
