@@ -259,3 +259,65 @@ def test_a_broken_sandbox_is_an_error_not_a_zero():
     with pytest.raises(TunekitError, match="the sandbox itself failed \\(sandbox setup: exec: "
                                            "PermissionError"):
         sb.run("x = 1", ["assert x == 1"])
+
+
+NON_ROOT_SCRIPT = """
+import importlib.util, json, sys, types
+root = sys.argv[1]
+for name, path in (("tunekit", "/tunekit"), ("tunekit.rewards", "/tunekit/rewards")):
+    package = types.ModuleType(name)
+    package.__path__ = [root + path]
+    sys.modules[name] = package
+spec = importlib.util.spec_from_file_location("tunekit.rewards.sandbox", root + "/tunekit/rewards/sandbox.py")
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = sandbox
+spec.loader.exec_module(sandbox)
+sb = sandbox.Sandbox(sandbox.SandboxLimits(timeout=2, processes=64))
+out = {}
+for name, code, tests in [
+    ("good", "def f():\\n    return 1\\n", ["assert f() == 1"]),
+    ("loop", "while True:\\n    pass\\n", ["assert True"]),
+    ("socket", "import socket\\ns = socket.create_connection(('127.0.0.1', 9), timeout=1)\\n", ["assert s"]),
+    ("read", "data = open('/etc/passwd').read()\\n", ["assert data"]),
+]:
+    r = sb.run(code, tests)
+    out[name] = [r.score(), r.timed_out, r.layers]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK), reason="needs root to demote")
+def test_sandbox_started_by_an_unprivileged_user():
+    """The same sandbox started by user nobody (no root: a user namespace, no uid switch, no cgroups).
+    Runs on the system python3 (nobody cannot enter this venv), which lacks tunekit's dependencies: the sandbox
+    module is loaded by path, it needs only the standard library."""
+    import json
+    import subprocess
+
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="tunekit-nonroot-"))  # /tmp/pytest-of-root is closed to nobody
+    folder.chmod(0o755)
+    script = folder / "non_root.py"
+    script.write_text(NON_ROOT_SCRIPT)
+    script.chmod(0o644)
+    root = str(Path(__file__).resolve().parent.parent)
+
+    def demote() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    try:
+        proc = subprocess.run(["/usr/bin/python3", "-I", str(script), root], preexec_fn=demote, capture_output=True,
+                              text=True, cwd="/tmp", env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, timeout=60)
+    finally:
+        shutil.rmtree(folder)
+    if proc.returncode != 0 and "Permission denied" in proc.stderr:
+        pytest.skip(f"user nobody cannot read this checkout: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["good"][0] == 1.0
+    assert out["loop"][:2] == [0.0, True]
+    assert out["socket"][0] == 0.0 and out["read"][0] == 0.0
+    assert not any(layer.startswith(("uid:", "cgroup")) for layer in out["good"][2])
