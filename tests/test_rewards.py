@@ -188,3 +188,19 @@ def test_tracker_length_and_share():
     assert warnings == ["step 4: reward 'a' makes 100% of the weighted reward (was 50% at the start); the others "
                         "barely steer training (reward hacking?)"]
     assert tr.shares({"a": 1.0, "b": 1.0}) == {"a": 1.0, "b": 0.0}
+
+
+def test_tracker_from_grpo_logs():
+    tr = RewardTracker(window=1, max_share=0.9)
+    logs = {"completions/mean_length": 8.0, "completions/clipped_ratio": 0.0, "rewards/math_answer/mean": 0.2,
+            "rewards/format/mean": 0.2, "loss": 0.1}
+    weights = {"math_answer": 1.0, "format": 2.0}
+    assert tr.update_from_logs(logs, weights=weights) == []  # baseline: format's share 2*0.2 / (0.2 + 0.4) = 67%
+    logs.update({"completions/mean_length": 16.0, "completions/clipped_ratio": 0.75, "rewards/format/mean": 1.0})
+    # share of format with weight 2: |2*1.0| / (|1*0.2| + |2*1.0|) = 2/2.2 = 91%
+    warnings = tr.update_from_logs(logs, weights=weights, step=7)
+    assert [w.split(":")[0] for w in warnings] == ["step 7"] * 3
+    assert "16 tokens is 2.0x its start (8)" in warnings[0]
+    assert "75% of completions hit max_completion_length over the last 1 steps" in warnings[1]
+    assert "reward 'format' makes 91% of the weighted reward (was 67% at the start)" in warnings[2]
+    assert tr.update_from_logs({"loss": 0.0}) == []  # an eval or end-of-training log line

@@ -292,9 +292,8 @@ def test_sandbox_started_by_an_unprivileged_user():
     Runs on the system python3 (nobody cannot enter this venv), which lacks tunekit's dependencies: the sandbox
     module is loaded by path, it needs only the standard library."""
     import json
-    import subprocess
-
     import shutil
+    import subprocess
 
     folder = Path(tempfile.mkdtemp(prefix="tunekit-nonroot-"))  # /tmp/pytest-of-root is closed to nobody
     folder.chmod(0o755)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RewardTracker:
-    """`update(...)` returns new warnings (each condition warns once, and again only after it cleared)."""
+    """`update(...)` / `update_from_logs(...)` return new warnings (each condition warns once, and again only after
+    it cleared)."""
 
     window: int = 10
     length_growth: float = 2.0
@@ -33,17 +34,38 @@ class RewardTracker:
     def update(self, lengths: Sequence[int], rewards: dict[str, Sequence[float | None]] | None = None,
                weights: dict[str, float] | None = None, step: int | None = None) -> list[str]:
         """Feed one step: completion lengths (tokens) and each reward's values for that step's completions."""
+        mean_len = sum(lengths) / len(lengths) if lengths else 0.0
+        cut = None
+        if self.max_completion_length:
+            cut = sum(1 for n in lengths if n >= self.max_completion_length) / max(1, len(lengths))
+        means = {}
+        for name, values in (rewards or {}).items():
+            vals = [float(v) for v in values if v is not None and v == v]
+            means[name] = sum(vals) / len(vals) if vals else 0.0
+        return self._step(mean_len, cut, means, weights, step)
+
+    def update_from_logs(self, logs: dict[str, float], weights: dict[str, float] | None = None,
+                         step: int | None = None) -> list[str]:
+        """Feed one step from GRPOTrainer's logged metrics (`completions/mean_length`,
+        `completions/clipped_ratio`, `rewards/<name>/mean`), e.g. in a TrainerCallback's on_log."""
+        if "completions/mean_length" not in logs:
+            return []
+        means = {k[len("rewards/"):-len("/mean")]: float(v) for k, v in logs.items()
+                 if k.startswith("rewards/") and k.endswith("/mean")}
+        cut = logs.get("completions/clipped_ratio")
+        return self._step(float(logs["completions/mean_length"]), None if cut is None else float(cut), means,
+                          weights, step)
+
+    def _step(self, mean_len: float, cut: float | None, means: dict[str, float],
+              weights: dict[str, float] | None, step: int | None) -> list[str]:
         self.steps += 1
         at = f"step {step if step is not None else self.steps}"
         warnings: list[str] = []
-        mean_len = sum(lengths) / len(lengths) if lengths else 0.0
         self._push(self._lengths, mean_len)
-        if self.max_completion_length:
-            cut = sum(1 for n in lengths if n >= self.max_completion_length) / max(1, len(lengths))
+        if cut is not None:
             self._push(self._truncated, cut)
-        for name, values in (rewards or {}).items():
-            vals = [float(v) for v in values if v is not None and v == v]
-            self._push(self._rewards.setdefault(name, deque()), sum(vals) / len(vals) if vals else 0.0)
+        for name, mean in means.items():
+            self._push(self._rewards.setdefault(name, deque()), mean)
         if len(self._first) < self.window:
             self._first.append(mean_len)
             if len(self._first) == self.window:
@@ -57,9 +79,10 @@ class RewardTracker:
                                f"{recent / base if base else 0:.1f}x its start ({base:.0f}); check samples for "
                                "padding or repetition that a reward pays for")
         if self._truncated:
-            cut = sum(self._truncated) / len(self._truncated)
-            warnings += self._edge("truncated", cut >= self.truncation_share, f"{at}: {cut:.0%} of completions hit "
-                                   f"max_completion_length ({self.max_completion_length}) over the last "
+            cut_mean = sum(self._truncated) / len(self._truncated)
+            limit = f" ({self.max_completion_length})" if self.max_completion_length else ""
+            warnings += self._edge("truncated", cut_mean >= self.truncation_share, f"{at}: {cut_mean:.0%} of "
+                                   f"completions hit max_completion_length{limit} over the last "
                                    f"{len(self._truncated)} steps")
         shares = self.shares(weights)
         if len(shares) >= 2:
