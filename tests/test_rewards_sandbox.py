@@ -217,6 +217,16 @@ def test_reward_hacks_score_zero(sandbox):
     frames = run_timed(sandbox, "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n"
                        "    runner = e.__traceback__.tb_frame.f_back\n", ["assert runner is not None"])
     assert frames.score() == 0.0 and "tb_frame is not available" in frames.output
+    # Patching what the runner uses after the program (exec, len, os.write) changes nothing.
+    for patch in ("import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+                  "import builtins\nbuiltins.len = lambda x: 1\n",
+                  "import os\nreal_write = os.write\n"
+                  "os.write = lambda fd, data: real_write(fd, data.replace(b' 0 2 ', b' 2 2 '))\n"):
+        patched = run_timed(sandbox, patch, ["assert False", "assert 1 == 2"])
+        assert (patched.passed, patched.total) == (0, 2) and patched.score(partial=True) == 0.0, patch
+    # A test that does not compile fails alone.
+    broken = run_timed(sandbox, "x = 1\n", ["assert x == 1", "assert x ==", "assert x > 0"])
+    assert (broken.passed, broken.total) == (2, 3)
 
 
 def test_audit_hook_fallback_without_kernel_layers():

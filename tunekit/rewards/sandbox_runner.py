@@ -78,46 +78,68 @@ def _main() -> None:
         return not any(c in mode for c in "wax+") and not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
 
     sys.addaudithook(_hook)
+    # Everything the runner needs after the program ran is bound here, before it runs: a program that patches
+    # builtins or `os` (exec, len, os.write, ...) cannot change how its tests are run or how the verdict is written.
+    _exec, _write, _waitpid, _kill, _exit, _WNOHANG = exec, os.write, os.waitpid, os.kill, os._exit, os.WNOHANG
+    _BaseException, _ChildProcessError, _OSError, _type = BaseException, ChildProcessError, OSError, type
+    _flush_streams = _flusher(sys)
+    tests = []
+    for i, source in enumerate(_split_tests(job["tests"])):
+        try:
+            tests.append((i, compile(source, f"test_{i}.py", "exec")))
+        except (SyntaxError, ValueError):
+            tests.append((i, None))  # a test that does not compile fails
+    total = len(tests)
     scope = {"__name__": "solution", "__builtins__": __builtins__}  # `if __name__ == "__main__":` blocks don't run
     passed = 0
-    tests = _split_tests(job["tests"])
     try:
-        exec(compile(job["code"], "solution.py", "exec"), scope)
+        solution = compile(job["code"], "solution.py", "exec")
+        del job
+        _exec(solution, scope)
         loaded = True
-    except BaseException as exc:  # noqa: BLE001 - a program that fails to load passes no test
-        _report(f"solution: {type(exc).__name__}: {exc}")
+    except _BaseException as exc:  # noqa: BLE001 - a program that fails to load passes no test
+        _report(_write, f"solution: {_type(exc).__name__}: {exc}")
         loaded = False
     if loaded:
-        for i, test in enumerate(tests):
+        for i, test in tests:
+            if test is None:
+                continue
             try:
-                exec(compile(test, f"test_{i}.py", "exec"), scope)
+                _exec(test, scope)
                 passed += 1
-            except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the test too
-                _report(f"test {i}: {type(exc).__name__}: {exc}")
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - the program may have closed or replaced its streams
-            pass
+            except _BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the test too
+                _report(_write, f"test {i}: {_type(exc).__name__}: {exc}")
+    _flush_streams()
     leftover = 0
     if in_pidns:  # PID 1 of its own namespace: any other process still alive was left running by the program
         try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
+            while _waitpid(-1, _WNOHANG)[0]:
                 pass
-        except ChildProcessError:
+        except _ChildProcessError:
             pass
         try:
-            os.kill(-1, 0)
+            _kill(-1, 0)
             leftover = 1
-        except OSError:
+        except _OSError:
             pass
-    os.write(verdict_fd, f"\n{nonce} {passed} {len(tests)} {leftover}\n".encode())
-    os._exit(0)
+    _write(verdict_fd, f"\n{nonce} {passed} {total} {leftover}\n".encode())
+    _exit(0)
 
 
-def _report(message: str) -> None:
+def _flusher(sys_module):
+    def flush() -> None:
+        for stream in (sys_module.stdout, sys_module.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - the program may have closed or replaced its streams
+                pass
+
+    return flush
+
+
+def _report(write, message: str) -> None:
     try:
-        os.write(2, ("\n" + message[:500] + "\n").encode("utf-8", "replace"))
+        write(2, ("\n" + message[:500] + "\n").encode("utf-8", "replace"))
     except OSError:
         pass
 
