@@ -1,0 +1,234 @@
+"""One registry of reward functions: name -> factory(**params) -> reward function in TRL's calling convention.
+
+A reward function is called as `fn(prompts=..., completions=..., completion_ids=..., **columns)` (every other
+dataset column as a list, plus TRL's `trainer_state`, `log_extra`, `log_metric`) and returns one float or None
+per completion (None = not applicable; TRL and `score` then count it as 0 in the weighted sum). Its `__name__`
+names the reward in logs (`rewards/<name>/mean`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tunekit.errors import TunekitError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tunekit.rewards.spec import RewardSpec
+
+RewardFunc = Callable[..., list]
+_FACTORIES: dict[str, Callable[..., RewardFunc]] = {}
+_BUILTIN_MODULES = ("answers", "formatting", "length", "code_tests", "reward_model")
+PYTHON_PREFIX = "python:"
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardFunc]], Callable[..., RewardFunc]]:
+    """Decorator: register `factory(**params) -> reward function` under `name`."""
+
+    def wrap(factory: Callable[..., RewardFunc]) -> Callable[..., RewardFunc]:
+        _FACTORIES[name] = factory
+        return factory
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"tunekit.rewards.{module}")
+
+
+def reward_names() -> list[str]:
+    """Names of the built-in rewards."""
+    _load_builtins()
+    return sorted(_FACTORIES)
+
+
+def _factory(name: str) -> Callable[..., RewardFunc]:
+    _load_builtins()
+    if name not in _FACTORIES:
+        close = difflib.get_close_matches(name, list(_FACTORIES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise TunekitError(
+            f"unknown reward '{name}'{hint}; built-in: {', '.join(sorted(_FACTORIES))}, "
+            "or python:package.module:function"
+        )
+    return _FACTORIES[name]
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Raise TunekitError when a built-in reward does not take one of `params` (nothing is built or imported
+    for `python:` rewards)."""
+    if name.startswith(PYTHON_PREFIX):
+        _split_python_spec(name)
+        return
+    factory = _factory(name)
+    accepted = [p for p in inspect.signature(factory).parameters if not p.startswith("_")]
+    for key in params:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TunekitError(
+                f"reward '{name}': unknown parameter '{key}'{hint}; it takes: {', '.join(accepted) or 'nothing'}"
+            )
+
+
+def get_reward(name: str, **params: Any) -> RewardFunc:
+    """Build the reward function `name` with its parameters (a built-in name or `python:module:function`)."""
+    if name.startswith(PYTHON_PREFIX):
+        return _python_reward(name, params)
+    check_params(name, params)
+    try:
+        fn = _factory(name)(**params)
+    except (TypeError, ValueError) as exc:
+        raise TunekitError(f"reward '{name}': {exc}") from None
+    return fn
+
+
+def _split_python_spec(name: str) -> tuple[str, str]:
+    target = name[len(PYTHON_PREFIX):]
+    module, sep, attr = target.partition(":")
+    if not sep or not module or not attr:
+        raise TunekitError(f"reward '{name}': write a user reward as python:package.module:function")
+    return module, attr
+
+
+def _python_reward(name: str, params: dict[str, Any]) -> RewardFunc:
+    """A user's own reward function, imported because the user named it in their recipe; `params` are passed to
+    it as keyword arguments on every call."""
+    import functools
+
+    module_name, attr = _split_python_spec(name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module: report it in one line
+        raise TunekitError(f"reward '{name}': cannot import {module_name} ({type(exc).__name__}: {exc})") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise TunekitError(f"reward '{name}': module {module_name} has no attribute '{attr}'")
+    if not callable(fn):
+        raise TunekitError(f"reward '{name}': {module_name}:{attr} is not callable")
+    if not params:
+        return fn
+    bound = functools.partial(fn, **params)
+    wrapper = functools.update_wrapper(lambda *a, **k: bound(*a, **k), fn)
+    return wrapper
+
+
+@dataclass
+class RewardScores:
+    """Per-reward scores (NaN where a reward returned None) and the weighted total (NaN counted as 0, as TRL's
+    GRPOTrainer does with nansum)."""
+
+    per_reward: dict[str, np.ndarray]
+    weights: dict[str, float]
+    total: np.ndarray
+
+    def means(self) -> dict[str, float]:
+        import numpy as np
+
+        out = {f"rewards/{k}/mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+               for k, v in self.per_reward.items()}
+        out["reward"] = float(self.total.mean()) if len(self.total) else float("nan")
+        return out
+
+
+class RewardSet:
+    """Built reward functions with their weights and unique names (a second `format` is `format_2`)."""
+
+    def __init__(self, funcs: Sequence[RewardFunc], weights: Sequence[float]) -> None:
+        if len(funcs) != len(weights):
+            raise ValueError("one weight per reward function")
+        self.funcs = list(funcs)
+        self.weights = [float(w) for w in weights]
+        self.names = _unique_names(self.funcs)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[RewardSpec | dict]) -> RewardSet:
+        from pydantic import ValidationError
+
+        from tunekit.rewards.spec import RewardSpec
+
+        funcs, weights = [], []
+        for i, spec in enumerate(specs):
+            try:
+                spec = spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec)
+            except ValidationError as exc:
+                raise TunekitError(f"rewards[{i}]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            try:
+                funcs.append(get_reward(spec.name, **spec.params))
+            except TunekitError as exc:
+                raise TunekitError(f"rewards[{i}]: {exc}") from None
+            weights.append(spec.weight)
+        if not funcs:
+            raise TunekitError("no rewards: add `rewards: [{name: math_answer}]` to the recipe")
+        return cls(funcs, weights)
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        columns: dict[str, Sequence[Any]] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+    ) -> RewardScores:
+        """Call every reward as GRPOTrainer would; total = Σ_i w_i r_i with None/NaN counted as 0."""
+        import numpy as np
+
+        n = len(completions)
+        kwargs = {k: list(v) for k, v in (columns or {}).items() if k not in ("prompts", "completions")}
+        for key, value in kwargs.items():
+            if len(value) != n:
+                raise ValueError(f"column '{key}' has {len(value)} values for {n} completions")
+        per: dict[str, np.ndarray] = {}
+        total = np.zeros(n, dtype=np.float64)
+        for name, fn, w in zip(self.names, self.funcs, self.weights):
+            out = fn(prompts=list(prompts), completions=list(completions),
+                     completion_ids=None if completion_ids is None else list(completion_ids),
+                     trainer_state=None, **kwargs)
+            values = np.array([np.nan if v is None else float(v) for v in out], dtype=np.float64)
+            if len(values) != n:
+                raise ValueError(f"reward '{name}' returned {len(values)} values for {n} completions")
+            per[name] = values
+            total += w * np.nan_to_num(values, nan=0.0)
+        return RewardScores(per, dict(zip(self.names, self.weights)), total)
+
+
+def _unique_names(funcs: Sequence[RewardFunc]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for fn in funcs:
+        base = getattr(fn, "__name__", None) or type(fn).__name__
+        seen[base] = seen.get(base, 0) + 1
+        name = base if seen[base] == 1 else f"{base}_{seen[base]}"
+        if name != base:
+            try:
+                fn.__name__ = name
+            except (AttributeError, TypeError):
+                pass
+        names.append(name)
+    return names
+
+
+def combine(specs: Sequence[RewardSpec | dict]) -> tuple[list[RewardFunc], list[float]]:
+    """(reward functions, weights) for `GRPOTrainer(reward_funcs=...)` and `GRPOConfig(reward_weights=...)`."""
+    rs = RewardSet.from_specs(specs)
+    return rs.funcs, rs.weights
+
+
+def score(
+    specs: Sequence[RewardSpec | dict] | RewardSet,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: dict[str, Sequence[Any]] | None = None,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+) -> RewardScores:
+    """Score completions outside a trainer (PPO, eval): per-reward arrays and the weighted total."""
+    rs = specs if isinstance(specs, RewardSet) else RewardSet.from_specs(specs)
+    return rs.score(prompts, completions, columns, completion_ids)
