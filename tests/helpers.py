@@ -59,3 +59,9 @@ def interrupt_after_checkpoint(cli_args: list[str], out: Path, timeout: float = 
     done = sorted(int(p.parent.name.split("-")[1]) for p in ckpts.glob("checkpoint-*/trainer_state.json"))
     assert done, "no checkpoint was written before the kill"
     return done[-1]
+
+
+def share_of_e(completions, **_columns) -> list[float]:
+    """A toy reward for RL tests: the share of the letter 'e' in each completion (`python:tests.helpers:share_of_e`)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [t.count("e") / max(len(t), 1) for t in texts]

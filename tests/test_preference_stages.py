@@ -176,3 +176,31 @@ def test_dpo_resume_after_sigkill(tmp_path, tiny_model_dir, pref_file):
     assert res.returncode == 0, res.stderr
     assert f"resuming from checkpoint-{step}" in res.stderr
     assert json.loads((out / "run_card.json").read_text())["global_step"] == 60
+
+
+METHODS = [("lora", []), ("dora", []), ("pissa", []), ("milora", []), ("lora_xs", []), ("svft", []),
+           ("none", ["train.lr=1e-5"]), ("lora", ["model.load_in_4bit=true"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", METHODS, ids=[m if not e else f"{m}-{e[0]}" for m, e in METHODS])
+def test_every_adapter_method_trains_with_dpo(tmp_path, tiny_model_dir, pref_file, method, extra):
+    """One DPO step per method; the step-0 loss is log 2 (policy = reference) whichever way the reference is
+    kept (frozen initial adapter, or precomputed log-probs)."""
+    from tunekit.stages.dpo import run_dpo
+
+    recipe = load_recipe(None, [f"model.name={tiny_model_dir}", f"data.train={pref_file}", f"output={tmp_path / 'r'}",
+                                f"adapter.method={method}", "adapter.r=4", "adapter.dropout=0", "train.max_steps=1",
+                                "train.batch_size=2", "train.save_steps=0", "generate.samples=0", *extra],
+                         defaults={"stage": "dpo"})
+    result = run_dpo(recipe)
+    first = json.loads((result.path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931, abs=2e-3)
+    assert (result.path / ("model" if method == "none" else "adapter")).is_dir()
+
+
+@pytest.mark.parametrize("method", ["lora_xs", "svft"])
+def test_reward_model_refuses_svd_adapters_before_work(tmp_path, tiny_model_dir, pref_file, method):
+    res = run_cli("rm", *_sets(tiny_model_dir, pref_file, f"adapter.method={method}"), "--output", tmp_path / "o")
+    assert res.returncode == 2 and "cannot train a reward model" in res.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunekit.config.sections import Section
 from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
+from tunekit.rewards.spec import RewardSpec
 
 DataFormat = Literal[
     "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
@@ -172,12 +173,24 @@ class Recipe(Section):
     rm: RMConfig = Field(default_factory=RMConfig, description="`tunekit rm` only.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="`tunekit dpo` (and cai's preference phase).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="`tunekit grpo` only.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="grpo/ppo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
+        "are the reward's parameters (docs/rewards.md).",
+    )
     output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")
 
     @model_validator(mode="after")
     def _sections_of_this_stage(self) -> Recipe:
         for name in sorted(self.foreign_sections() & self.model_fields_set):
             raise ValueError(foreign_section_message(name, self.stage))
+        if self.stage == "rm" and self.adapter.method in ("lora_xs", "svft"):
+            raise ValueError(
+                f"adapter.method '{self.adapter.method}' cannot train a reward model: its frozen-SVD modules leave "
+                "no place for the new score head; use lora, dora, pissa, milora or none"
+            )
+        if self.stage == "grpo" and not self.rewards:
+            raise ValueError("tunekit grpo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
         if self.stage == "grpo":
             rows = self.train.batch_size * self.train.grad_accum
             if rows % self.grpo.num_generations:

@@ -77,10 +77,22 @@ def reward_model_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: in
             "mean_margin": sum(diffs) / max(len(diffs), 1)}
 
 
+def _pair_logps(model: Any, tok: Any, pairs: list[Any], max_length: int) -> tuple[list[float], list[float]]:
+    prompts = [p.prompt for p in pairs]
+    return (completion_logps(model, tok, prompts, [p.chosen for p in pairs], max_length),
+            completion_logps(model, tok, prompts, [p.rejected for p in pairs], max_length))
+
+
+def logprob_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: int = 1024) -> dict[str, Any]:
+    """P[log π(y_c|x) > log π(y_r|x)]: how often the model itself finds the chosen answer likelier."""
+    c, r = _pair_logps(model, tok, pairs, max_length)
+    return {"n": len(pairs), "logprob_accuracy": sum(a > b for a, b in zip(c, r)) / max(len(pairs), 1)}
+
+
 def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference: Any = None,
                  max_length: int = 1024) -> dict[str, Any]:
-    """Implicit-reward preference accuracy of a policy. `reference` None: the PEFT model with its adapter
-    disabled."""
+    """Implicit-reward preference accuracy of a policy (and its log-prob accuracy). `reference` None: the PEFT
+    model with its adapter disabled."""
 
     def logps(m: Any, which: str) -> list[float]:
         comps = [getattr(p, which) for p in pairs]
@@ -96,4 +108,5 @@ def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference:
     margins = [c - r for c, r in zip(r_c, r_r)]
     n = max(len(margins), 1)
     return {"n": len(pairs), "preference_accuracy": sum(m > 0 for m in margins) / n,
+            "logprob_accuracy": sum(a > b for a, b in zip(pol_c, pol_r)) / n,
             "mean_reward_margin": sum(margins) / n, "chosen_reward": sum(r_c) / n, "rejected_reward": sum(r_r) / n}

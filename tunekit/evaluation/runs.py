@@ -62,6 +62,14 @@ def evaluate_target(
     if rewards:
         return _reward_eval(target, base, records, rewards, max_new_tokens, batch_size)
     if "chosen" in records[0].data and "rejected" in records[0].data:
+        if stage is None:  # a plain model: how often it finds the chosen answer likelier
+            from tunekit.data.preference import to_preference
+            from tunekit.evaluation.preference import logprob_accuracy
+            from tunekit.models.trained import load_any
+
+            model, tok = load_any(target, base)
+            pairs = [to_preference(r.data, "auto", r.where) for r in records]
+            return logprob_accuracy(model, tok, pairs, max_length)
         return _dpo_eval(target, base, records, recipe, max_length)
     from tunekit.data.formats import to_messages
     from tunekit.evaluation.score import evaluate
@@ -104,9 +112,6 @@ def _reward_eval(target, base, records, rewards, max_new_tokens, batch_size) -> 
     columns = {k: [p.columns.get(k) for p in prompts] for k in {k for p in prompts for k in p.columns}}
     specs = [RewardSpec(name=name) for name in rewards]
     scored = score(specs, [p.prompt for p in prompts], roll.texts, columns)
-    result: dict[str, Any] = {"n": len(prompts)}
-    for name, values in scored["per_reward"].items():
-        vals = [v for v in values if v is not None]
-        result[f"reward/{name}"] = sum(vals) / len(vals) if vals else None
+    result: dict[str, Any] = {"n": len(prompts), **scored.means()}
     result["answers"] = [{"prompt": p.prompt[-1]["content"], "answer": a} for p, a in zip(prompts, roll.texts)]
     return result

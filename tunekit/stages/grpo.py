@@ -59,13 +59,13 @@ class CompletionsCallback(TrainerCallback):
     """Every N steps: the latest generation batch (prompt, completion, each reward, advantage) to
     completions.jsonl; the run-away watch gets the step's mean completion length and reward means."""
 
-    def __init__(self, path: Any, every: int, watch: Any = None):
-        self.path, self.every, self.watch = path, every, watch
+    def __init__(self, path: Any, every: int, watch: Any = None, weights: dict[str, float] | None = None):
+        self.path, self.every, self.watch, self.weights = path, every, watch, weights
         self.trainer: Any = None  # set once the trainer exists (its `_logs` hold the latest batch)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.watch is not None and logs:
-            for warning in self.watch.update(state.global_step, logs):
+            for warning in self.watch.update_from_logs(logs, self.weights, state.global_step):
                 from tunekit.console import console
 
                 console.print(f"[yellow]warning: {warning}[/yellow]")
@@ -92,10 +92,11 @@ class GRPOStage(PromptStage):
         from trl import GRPOConfig, GRPOTrainer
 
         from tunekit.generation import _vllm_usable
-        from tunekit.rewards import RunawayWatch, reward_functions
+        from tunekit.rewards import RewardSet, RewardTracker
 
         r, g = ctx.recipe, ctx.recipe.grpo
-        funcs, weights = reward_functions(r.rewards)
+        rewards = RewardSet.from_specs(r.rewards)
+        funcs, weights = rewards.funcs, rewards.weights
         args = common.training_arguments(
             r, ctx.run, GRPOConfig,
             num_generations=g.num_generations,
@@ -113,8 +114,9 @@ class GRPOStage(PromptStage):
             log_completions=False,
             disable_dropout=True,
         )
-        watch = RunawayWatch(max_completion_length=g.max_completion_length)
-        completions = CompletionsCallback(ctx.run.path / "completions.jsonl", g.log_completions_steps, watch)
+        watch = RewardTracker(max_completion_length=g.max_completion_length)
+        completions = CompletionsCallback(ctx.run.path / "completions.jsonl", g.log_completions_steps, watch,
+                                          dict(zip(rewards.names, weights)))
         ctx.callbacks = [*common.standard_callbacks(ctx.run, None), completions]
         trainer = GRPOTrainer(
             model=ctx.model,

@@ -1,0 +1,85 @@
+"""tunekit dpo / grpo vs plain TRL scripts (bench/plain_trl_align.py): same model, data, LoRA, steps, batch;
+side by side in one run, each path in its own process. Reports seconds per optimizer step over the training
+loop (on_train_begin → on_train_end in both) and the process's peak RSS (os.wait4).
+
+    .venv/bin/python bench/align_throughput.py [--stages dpo grpo] [--steps 8] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from sft_throughput import run_measured  # noqa: E402
+
+DATA = {"dpo": ROOT / "tunekit/assets/align/pref_train.jsonl", "grpo": ROOT / "tunekit/assets/align/math_train.jsonl"}
+
+
+def tunekit_path(stage: str, args, out: Path) -> dict:
+    sets = [f"model.name={args.model}", f"data.train={DATA[stage]}", "data.eval_split=0",
+            f"data.max_length={args.max_length}", f"adapter.r={args.r}", "adapter.dropout=0",
+            f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", "train.save_steps=0",
+            "train.lr=5e-5", "train.logging_steps=1", "generate.samples=0", "train.seed=0", "train.warmup_ratio=0"]
+    if stage == "grpo":
+        sets += [f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.completion_length}",
+                 "grpo.log_completions_steps=0", "rewards=[{name: math_answer}]"]
+    cmd = [sys.executable, "-m", "tunekit", stage, "--output", str(out), "--overwrite"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    code, peak, _ = run_measured(cmd)
+    if code != 0:
+        raise SystemExit(f"tunekit {stage} failed ({code})")
+    card = json.loads((out / "run_card.json").read_text())
+    return {"seconds": card["train_loop_seconds"], "steps": card["global_step"], "peak_rss_mib": peak}
+
+
+def trl_path(stage: str, args, out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_align.py"), stage, "--model", args.model, "--data",
+           str(DATA[stage]), "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--r",
+           str(args.r), "--max-length", str(args.max_length), "--generations", str(args.generations),
+           "--completion-length", str(args.completion_length)]
+    code, peak, stdout = run_measured(cmd)
+    if code != 0:
+        raise SystemExit(f"plain TRL {stage} failed ({code})")
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["peak_rss_mib"] = peak
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stages", nargs="+", default=["dpo", "grpo"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--completion-length", type=int, default=32)
+    args = ap.parse_args()
+    if args.model == "smollm2-135m":
+        from tunekit.models.load import resolve_model_path
+
+        args.model = str(resolve_model_path("smollm2-135m"))
+    print(f"model {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}")
+    print("| stage | path | s/step | peak RSS MiB |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in args.stages:
+            rows = {"plain TRL": trl_path(stage, args, Path(tmp) / f"trl-{stage}"),
+                    "tunekit": tunekit_path(stage, args, Path(tmp) / f"tk-{stage}")}
+            for name, r in rows.items():
+                r["s_per_step"] = r["seconds"] / r["steps"]
+                print(f"| {stage} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+            a, b = rows["tunekit"], rows["plain TRL"]
+            print(f"| {stage} | tunekit / plain | {a['s_per_step'] / b['s_per_step']:.3f} | "
+                  f"{a['peak_rss_mib'] / b['peak_rss_mib']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
