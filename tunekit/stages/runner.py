@@ -131,7 +131,8 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         # 6. Held-out metrics and sample generations: a failure here keeps the trained adapter.
         for what, step in (("evaluation", stage.evaluate), ("sample generation", stage.write_samples)):
             try:
-                out = step(ctx, trainer) if step is stage.evaluate else step(ctx)
+                # (`step is stage.evaluate` never held: each attribute access makes a new bound method)
+                out = step(ctx, trainer) if what == "evaluation" else step(ctx)
             except Exception as exc:  # noqa: BLE001 - optional step; the adapter is already saved
                 console.print(f"[yellow]warning: {what} failed ({type(exc).__name__}: {exc}); "
                               f"the trained {target.name}/ is kept[/yellow]")
