@@ -45,6 +45,7 @@ def test_numbers_parsing():
         ("She has -5 apples, then 12 more: 7", 7.0),
         ("it rose by 50%", 50.0),
         ("The answer is $12.50.", 12.5),
+        ("<think>12 + 30 = 42, not 41</think><answer>42</answer> (checked in 2 ways)", 42.0),
         ("nothing numeric", None),
     ],
 )

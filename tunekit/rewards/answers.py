@@ -1,9 +1,9 @@
 """`math_answer`: 1.0 when the completion's final number equals the record's answer, else 0.0.
 
 The final answer is the number after the last `####` (GSM8K, Cobbe et al., 2021), else inside the last
-`\\boxed{...}` (MATH, Hendrycks et al., 2021), else the last number in the text. Numbers may carry signs,
-thousands separators (1,234), decimals, fractions (3/4, \\frac{3}{4}) and units ($, %). Correct means
-|a − b| ≤ max(tolerance·|b|, abs_tolerance).
+`\\boxed{...}` (MATH, Hendrycks et al., 2021), else inside the last `<answer>...</answer>`, else the last number
+in the text. Numbers may carry signs, thousands separators (1,234), decimals, fractions (3/4, \\frac{3}{4}) and
+units ($, %). Correct means |a − b| ≤ max(tolerance·|b|, abs_tolerance).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _NUMBER = re.compile(
     """,
     re.VERBOSE,
 )
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
 
 
@@ -70,7 +71,8 @@ def _last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str, last_number: bool = True) -> float | None:
-    """The final answer of a solution: after the last `####`, else the last `\\boxed{}`, else the last number."""
+    """The final answer of a solution: after the last `####`, else the last `\\boxed{}`, else the last
+    `<answer>` tag, else the last number."""
     if "####" in text:
         tail = text.rsplit("####", 1)[1].strip().splitlines()
         found = numbers(tail[0]) if tail else []
@@ -79,6 +81,10 @@ def extract_answer(text: str, last_number: bool = True) -> float | None:
     if boxed is not None:
         found = numbers(boxed)
         return found[0] if found else None
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        found = numbers(tagged[-1])
+        return found[-1] if found else None
     if not last_number:
         return None
     found = numbers(text)
