@@ -330,3 +330,15 @@ def test_sandbox_started_by_an_unprivileged_user():
     assert out["loop"][:2] == [0.0, True]
     assert out["socket"][0] == 0.0 and out["read"][0] == 0.0
     assert not any(layer.startswith(("uid:", "cgroup")) for layer in out["good"][2])
+
+
+def test_sandbox_uids_are_never_shared():
+    """Two pools over the same uid block (two trainers whose pids collide) never hand out the same uid at once."""
+    from tunekit.rewards.sandbox import _UidPool
+
+    a, b = _UidPool(), _UidPool()
+    held_a = [a.acquire() for _ in range(3)]
+    held_b = [b.acquire() for _ in range(3)]
+    assert not set(held_a) & set(held_b)
+    a.release(held_a[0])
+    assert b.acquire() == held_a[0]  # free again once released

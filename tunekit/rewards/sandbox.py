@@ -129,20 +129,38 @@ def _interpreter_read_paths(interpreter: str) -> tuple[str, ...]:
 
 
 class _UidPool:
-    """Hands out sandbox uids so that no two concurrent runs share one (RLIMIT_NPROC counts per uid)."""
+    """Hands out sandbox uids so that no two concurrent runs share one (RLIMIT_NPROC counts per uid, and the
+    sweep kills every process of the uid). Within a process a lock guards the free list; across processes (two
+    trainers whose pids share a uid block) an flock on `<tmp>/tunekit-sandbox-uids/<uid>.lock` does."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._free = [UID_BASE + (os.getpid() % 30_000) * UIDS_PER_PROCESS + i for i in range(UIDS_PER_PROCESS)]
+        self._held: dict[int, int] = {}
 
     def acquire(self) -> int:
+        import fcntl
+
+        folder = Path(tempfile.gettempdir()) / "tunekit-sandbox-uids"
+        folder.mkdir(mode=0o700, exist_ok=True)
         with self._lock:
-            if not self._free:
-                raise RuntimeError("sandbox: more concurrent runs than uids")
-            return self._free.pop()
+            for uid in list(self._free):
+                fd = os.open(folder / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    continue
+                self._free.remove(uid)
+                self._held[uid] = fd
+                return uid
+        raise RuntimeError("sandbox: more concurrent runs than sandbox uids")
 
     def release(self, uid: int) -> None:
         with self._lock:
+            fd = self._held.pop(uid, None)
+            if fd is not None:
+                os.close(fd)  # closing drops the flock
             self._free.append(uid)
 
 
