@@ -142,9 +142,14 @@ class _UidPool:
         import fcntl
 
         folder = Path(tempfile.gettempdir()) / "tunekit-sandbox-uids"
-        folder.mkdir(mode=0o700, exist_ok=True)
+        as_root = os.geteuid() == 0  # without root no uid is switched to: nothing to share
+        if as_root:
+            folder.mkdir(mode=0o700, exist_ok=True)
         with self._lock:
             for uid in list(self._free):
+                if not as_root:
+                    self._free.remove(uid)
+                    return uid
                 fd = os.open(folder / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
