@@ -4,18 +4,29 @@
 `score(specs, prompts, completions, columns)` scores outside a trainer. See docs/rewards.md.
 """
 
-from tunekit.rewards.registry import RewardScores, RewardSet, combine, get_reward, register_reward, reward_names, score
+from tunekit.rewards.registry import (
+    RewardScores,
+    RewardSet,
+    combine,
+    get_reward,
+    register_reward,
+    reward_functions,
+    reward_names,
+    score,
+)
 from tunekit.rewards.spec import RewardSpec
-from tunekit.rewards.tracker import RewardTracker
+from tunekit.rewards.tracker import RewardTracker, RunawayWatch
 
 __all__ = [
     "RewardScores",
     "RewardSet",
     "RewardSpec",
     "RewardTracker",
+    "RunawayWatch",
     "combine",
     "get_reward",
     "register_reward",
+    "reward_functions",
     "reward_names",
     "score",
 ]

@@ -124,19 +124,26 @@ def _python_reward(name: str, params: dict[str, Any]) -> RewardFunc:
 
 @dataclass
 class RewardScores:
-    """Per-reward scores (NaN where a reward returned None) and the weighted total (NaN counted as 0, as TRL's
-    GRPOTrainer does with nansum)."""
+    """Each reward's values as it returned them (None = not applicable) and the weighted total
+    Σ_i w_i r_i with None counted as 0, as TRL's GRPOTrainer does with nansum. Also readable as a mapping
+    (`scores["per_reward"]`, `scores["total"]`, `scores["weights"]`)."""
 
-    per_reward: dict[str, np.ndarray]
+    per_reward: dict[str, list[float | None]]
     weights: dict[str, float]
     total: np.ndarray
 
-    def means(self) -> dict[str, float]:
-        import numpy as np
+    def __getitem__(self, key: str) -> Any:
+        if key not in ("per_reward", "weights", "total"):
+            raise KeyError(key)
+        return getattr(self, key)
 
-        out = {f"rewards/{k}/mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-               for k, v in self.per_reward.items()}
-        out["reward"] = float(self.total.mean()) if len(self.total) else float("nan")
+    def means(self) -> dict[str, float | None]:
+        """`rewards/<name>/mean` over the values that are not None (None when there are none), and `reward`."""
+        out: dict[str, float | None] = {}
+        for name, values in self.per_reward.items():
+            vals = [v for v in values if v is not None]
+            out[f"rewards/{name}/mean"] = sum(vals) / len(vals) if vals else None
+        out["reward"] = float(self.total.mean()) if len(self.total) else None
         return out
 
 
@@ -186,17 +193,17 @@ class RewardSet:
         for key, value in kwargs.items():
             if len(value) != n:
                 raise ValueError(f"column '{key}' has {len(value)} values for {n} completions")
-        per: dict[str, np.ndarray] = {}
+        per: dict[str, list[float | None]] = {}
         total = np.zeros(n, dtype=np.float64)
         for name, fn, w in zip(self.names, self.funcs, self.weights):
             out = fn(prompts=list(prompts), completions=list(completions),
                      completion_ids=None if completion_ids is None else list(completion_ids),
                      trainer_state=None, **kwargs)
-            values = np.array([np.nan if v is None else float(v) for v in out], dtype=np.float64)
+            values = [None if v is None or v != v else float(v) for v in out]  # NaN is "not applicable" too
             if len(values) != n:
                 raise ValueError(f"reward '{name}' returned {len(values)} values for {n} completions")
             per[name] = values
-            total += w * np.nan_to_num(values, nan=0.0)
+            total += w * np.array([0.0 if v is None else v for v in values], dtype=np.float64)
         return RewardScores(per, dict(zip(self.names, self.weights)), total)
 
 
@@ -220,6 +227,11 @@ def combine(specs: Sequence[RewardSpec | dict]) -> tuple[list[RewardFunc], list[
     """(reward functions, weights) for `GRPOTrainer(reward_funcs=...)` and `GRPOConfig(reward_weights=...)`."""
     rs = RewardSet.from_specs(specs)
     return rs.funcs, rs.weights
+
+
+def reward_functions(specs: Sequence[RewardSpec | dict]) -> tuple[list[RewardFunc], list[float]]:
+    """The same as `combine` (the name tunekit's GRPO stage calls)."""
+    return combine(specs)
 
 
 def score(
