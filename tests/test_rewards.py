@@ -73,7 +73,7 @@ def test_math_answer_hand_cases():
     assert call(loose, ["about 0.3333"], answer=["1/3"]) == [1.0]  # |0.3333 - 1/3| = 3.3e-5 <= 1e-3 * 1/3
     strict = get_reward("math_answer", last_number=False, column="gold")
     assert call(strict, ["the answer is 42", "#### 42", r"\boxed{42}"], gold=[42, 42, 42]) == [0.0, 1.0, 1.0]
-    with pytest.raises(KeyError, match="no 'answer' column"):
+    with pytest.raises(TunekitError, match="reads the column 'answer', which the data lacks"):
         call(fn, ["1"], gold=[1])
 
 
@@ -217,3 +217,15 @@ def test_runaway_watch_in_a_callback():
                                 "rewards/a/mean": 0.5, "rewards/b/mean": 0.5})
     assert len(warnings) == 2 and "8 tokens is 2.0x its start (4)" in warnings[0]
     assert "100% of completions hit max_completion_length (8)" in warnings[1]
+
+
+def test_required_columns_checked_before_training():
+    from tunekit.rewards import RewardSet
+
+    rs = RewardSet.from_specs([{"name": "math_answer", "column": "gold"}, {"name": "code_tests"},
+                               {"name": "format", "pattern": "x"}])
+    assert rs.required_columns() == {"math_answer": ("gold",), "code_tests": ("tests",), "format": ()}
+    rs.check_columns(["gold", "tests", "id"])
+    with pytest.raises(TunekitError, match="reward 'code_tests' reads the column 'tests', which the data lacks "
+                                           "\\(columns: gold\\)"):
+        rs.check_columns(["gold"])

@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+from tunekit.errors import TunekitError
 from tunekit.rewards.registry import register_reward
 from tunekit.rewards.text import completion_text
 
@@ -117,7 +118,8 @@ def math_answer(column: str = "answer", tolerance: float = 1e-6, abs_tolerance: 
 
     def reward(prompts=None, completions=None, completion_ids=None, **columns) -> list[float | None]:
         if column not in columns:
-            raise KeyError(f"math_answer: the data has no '{column}' column (set `column:` in the reward)")
+            raise TunekitError(f"reward 'math_answer' reads the column '{column}', which the data lacks "
+                               f"(set `column:` in the reward)")
         out: list[float | None] = []
         for completion, ref in zip(completions, columns[column]):
             expected = reference_answer(ref)
@@ -129,4 +131,5 @@ def math_answer(column: str = "answer", tolerance: float = 1e-6, abs_tolerance: 
         return out
 
     reward.__name__ = "math_answer"
+    reward.columns = (column,)
     return reward

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 
+from tunekit.errors import TunekitError
 from tunekit.rewards.registry import register_reward
 from tunekit.rewards.text import completion_text
 
@@ -32,8 +33,13 @@ def code_tests(column: str = "tests", timeout: float = 5.0, memory_mb: int = 102
                open_files: int = 64, file_size_mb: int = 16, cpu_seconds: int | None = None, workers: int | None = None,
                partial: bool = False, interpreter: str | None = None):
     """Build the reward; the limits are per program (see SandboxLimits)."""
+    import sys
+
     from tunekit.rewards.sandbox import SandboxLimits
 
+    if not sys.platform.startswith("linux"):
+        raise ValueError("code_tests runs generated code in a Linux sandbox (namespaces, Landlock); not on "
+                         f"{sys.platform}")
     if timeout <= 0:
         raise ValueError("timeout must be > 0")
     limits = SandboxLimits(timeout=float(timeout), cpu_seconds=cpu_seconds, memory_mb=int(memory_mb),
@@ -51,7 +57,8 @@ def code_tests(column: str = "tests", timeout: float = 5.0, memory_mb: int = 102
 
     def reward(prompts=None, completions=None, completion_ids=None, **columns) -> list[float | None]:
         if column not in columns:
-            raise KeyError(f"code_tests: the data has no '{column}' column (set `column:` in the reward)")
+            raise TunekitError(f"reward 'code_tests' reads the column '{column}', which the data lacks "
+                               f"(set `column:` in the reward)")
         jobs, where = [], []
         out: list[float | None] = [None] * len(completions)
         for i, (completion, tests) in enumerate(zip(completions, columns[column])):
@@ -65,4 +72,5 @@ def code_tests(column: str = "tests", timeout: float = 5.0, memory_mb: int = 102
         return out
 
     reward.__name__ = "code_tests"
+    reward.columns = (column,)
     return reward

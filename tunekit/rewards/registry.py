@@ -178,6 +178,20 @@ class RewardSet:
             raise TunekitError("no rewards: add `rewards: [{name: math_answer}]` to the recipe")
         return cls(funcs, weights)
 
+    def required_columns(self) -> dict[str, tuple[str, ...]]:
+        """The data columns each reward reads ({} entries for rewards that read none)."""
+        return {name: tuple(getattr(fn, "columns", ())) for name, fn in zip(self.names, self.funcs)}
+
+    def check_columns(self, available: Sequence[str]) -> None:
+        """Raise TunekitError before training when a reward reads a column the data lacks."""
+        have = set(available)
+        for name, columns in self.required_columns().items():
+            for column in columns:
+                if column not in have:
+                    found = ", ".join(sorted(have)) or "none besides the prompt"
+                    raise TunekitError(f"reward '{name}' reads the column '{column}', which the data lacks "
+                                       f"(columns: {found}); set `column:` in the reward or add it to the records")
+
     def score(
         self,
         prompts: Sequence[Any],
