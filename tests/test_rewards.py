@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from tunekit.errors import TunekitError
-from tunekit.rewards import RewardSpec, RewardTracker, RunawayWatch, combine, get_reward, reward_names, score
+from tunekit.rewards import RewardSpec, RewardTracker, combine, get_reward, reward_names, score
 from tunekit.rewards.answers import extract_answer, numbers
 from tunekit.rewards.code_tests import extract_code
 
@@ -164,7 +164,6 @@ def test_combine_and_score_weighted_total():
     result = score(specs, ["p"] * 3, completions, {"answer": ["3", "4", None]})
     assert result.per_reward == {"math_answer": [1.0, 1.0, None], "format": [1.0, 0.0, 0.0],
                                  "format_2": [0.0, 1.0, 0.0]}
-    assert result["per_reward"] is result.per_reward  # mapping access too
     # total = 1.0*math + 0.5*format + 0.25*format_2, None counted as 0 (TRL's nansum)
     np.testing.assert_allclose(result.total, [1.0 + 0.5, 1.0 + 0.25, 0.0])
     means = result.means()
@@ -205,18 +204,6 @@ def test_tracker_from_grpo_logs():
     assert "75% of completions hit max_completion_length over the last 1 steps" in warnings[1]
     assert "reward 'format' makes 91% of the weighted reward (was 67% at the start)" in warnings[2]
     assert tr.update_from_logs({"loss": 0.0}) == []  # an eval or end-of-training log line
-
-
-def test_runaway_watch_in_a_callback():
-    """The GRPO stage's callback interface: update(step, logs) on every log line (train, eval, summary)."""
-    watch = RunawayWatch(weights={"a": 1.0, "b": 1.0}, window=1, max_completion_length=8)
-    assert watch.update(1, {"completions/mean_length": 4.0, "completions/clipped_ratio": 0.0,
-                            "rewards/a/mean": 0.5, "rewards/b/mean": 0.5}) == []
-    assert watch.update(1, {"eval_loss": 1.0, "eval_completions/mean_length": 100.0}) == []  # not a train step
-    warnings = watch.update(2, {"completions/mean_length": 8.0, "completions/clipped_ratio": 1.0,
-                                "rewards/a/mean": 0.5, "rewards/b/mean": 0.5})
-    assert len(warnings) == 2 and "8 tokens is 2.0x its start (4)" in warnings[0]
-    assert "100% of completions hit max_completion_length (8)" in warnings[1]
 
 
 def test_required_columns_checked_before_training():

@@ -10,23 +10,20 @@ from tunekit.rewards.registry import (
     combine,
     get_reward,
     register_reward,
-    reward_functions,
     reward_names,
     score,
 )
 from tunekit.rewards.spec import RewardSpec
-from tunekit.rewards.tracker import RewardTracker, RunawayWatch
+from tunekit.rewards.tracker import RewardTracker
 
 __all__ = [
     "RewardScores",
     "RewardSet",
     "RewardSpec",
     "RewardTracker",
-    "RunawayWatch",
     "combine",
     "get_reward",
     "register_reward",
-    "reward_functions",
     "reward_names",
     "score",
 ]

@@ -125,17 +125,11 @@ def _python_reward(name: str, params: dict[str, Any]) -> RewardFunc:
 @dataclass
 class RewardScores:
     """Each reward's values as it returned them (None = not applicable) and the weighted total
-    Σ_i w_i r_i with None counted as 0, as TRL's GRPOTrainer does with nansum. Also readable as a mapping
-    (`scores["per_reward"]`, `scores["total"]`, `scores["weights"]`)."""
+    Σ_i w_i r_i with None counted as 0, as TRL's GRPOTrainer does with nansum."""
 
     per_reward: dict[str, list[float | None]]
     weights: dict[str, float]
     total: np.ndarray
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in ("per_reward", "weights", "total"):
-            raise KeyError(key)
-        return getattr(self, key)
 
     def means(self) -> dict[str, float | None]:
         """`rewards/<name>/mean` over the values that are not None (None when there are none), and `reward`."""
@@ -241,11 +235,6 @@ def combine(specs: Sequence[RewardSpec | dict]) -> tuple[list[RewardFunc], list[
     """(reward functions, weights) for `GRPOTrainer(reward_funcs=...)` and `GRPOConfig(reward_weights=...)`."""
     rs = RewardSet.from_specs(specs)
     return rs.funcs, rs.weights
-
-
-def reward_functions(specs: Sequence[RewardSpec | dict]) -> tuple[list[RewardFunc], list[float]]:
-    """The same as `combine` (the name tunekit's GRPO stage calls)."""
-    return combine(specs)
 
 
 def score(

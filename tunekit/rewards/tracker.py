@@ -114,15 +114,3 @@ class RewardTracker:
             self._active.discard(key)
         return []
 
-
-class RunawayWatch:
-    """A RewardTracker for a TrainerCallback's `on_log`: `watch.update(state.global_step, logs)` returns the new
-    warnings (GRPOTrainer's log keys; see RewardTracker.update_from_logs). `weights` maps reward names to their
-    weights so that shares are of the weighted sum."""
-
-    def __init__(self, weights: dict[str, float] | None = None, **tracker_options) -> None:
-        self.weights = weights
-        self.tracker = RewardTracker(**tracker_options)
-
-    def update(self, step: int, logs: dict[str, float]) -> list[str]:
-        return self.tracker.update_from_logs(logs, self.weights, step)
