@@ -50,6 +50,7 @@ def test_grpo_run_logs_each_reward_and_reloads(tmp_path, tiny_model_dir, prompt_
     ("rewards=[{name: math_answr}]", "did you mean 'math_answer'"),
     ("grpo.num_generations=3", "must divide"),
     ("grpo.loss_type=grpoo", "did you mean 'grpo'"),
+    ("rewards=[{name: math_answer, column: solution}]", "reads the column 'solution'"),
 ])
 def test_bad_grpo_recipes_fail_before_work(tmp_path, tiny_model_dir, prompt_file, bad, message):
     res = run_cli("grpo", *_sets(tiny_model_dir, prompt_file, bad), "--output", tmp_path / "o")

@@ -88,6 +88,14 @@ class CompletionsCallback(TrainerCallback):
 class GRPOStage(PromptStage):
     name = "grpo"
 
+    def load_data(self, recipe: Recipe, tok: Any) -> StageData:
+        """Prompts, checked against the columns the rewards read (before the model loads)."""
+        from tunekit.rewards import RewardSet
+
+        data = super().load_data(recipe, tok)
+        RewardSet.from_specs(recipe.rewards).check_columns(data.counts["columns"])
+        return data
+
     def build_trainer(self, ctx: Context) -> Any:
         from trl import GRPOConfig, GRPOTrainer
 
