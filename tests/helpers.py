@@ -39,7 +39,7 @@ QA = [
 ]
 
 
-def interrupt_after_checkpoint(cli_args: list[str], out: Path, timeout: float = 240) -> int:
+def interrupt_after_checkpoint(cli_args: list[str], out: Path, timeout: float = 900) -> int:
     """Start `tunekit CLI_ARGS --output OUT`, SIGKILL it once its first checkpoint is complete; return that
     checkpoint's step (the run is left at OUT.partial, as after a crash)."""
     import signal
