@@ -1,0 +1,36 @@
+"""Shared pieces of the PPO tests: a tiny policy with a value head, prompts, a toy reward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunekit.adapters import AttachContext, attach
+from tunekit.config.schema import AdapterConfig, ModelConfig
+from tunekit.models.load import load_model, load_tokenizer
+from tunekit.ppo.models import PolicyValue, ValueHead, disable_dropout, hidden_size_of
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PROMPTS = ["Say hello.", "Add 2 and 3.", "Capital of France?", "Count to three."]
+
+
+def vowel_share(prompts, texts, rows):
+    return [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in texts]
+
+
+def build(model_dir, method="lora", seed=0):
+    mc = ModelConfig(name=str(model_dir))
+    tok = load_tokenizer(mc)
+    torch.manual_seed(seed)
+    policy = attach(load_model(mc, tok), AdapterConfig(method=method, r=4, dropout=0.0), AttachContext())
+    disable_dropout(policy)
+    return tok, PolicyValue(policy, ValueHead(hidden_size_of(policy))), mc
