@@ -23,7 +23,8 @@ def one_thread():
 PROMPTS = ["Say hello.", "Add 2 and 3.", "Capital of France?", "Count to three."]
 
 
-def vowel_share(prompts, texts, rows):
+def vowel_share(prompts, texts, *unused):
+    """Toy reward: the share of vowels among the response's characters."""
     return [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in texts]
 
 
@@ -34,3 +35,8 @@ def build(model_dir, method="lora", seed=0):
     policy = attach(load_model(mc, tok), AdapterConfig(method=method, r=4, dropout=0.0), AttachContext())
     disable_dropout(policy)
     return tok, PolicyValue(policy, ValueHead(hidden_size_of(policy))), mc
+
+
+def vowel_reward(prompts=None, completions=None, **columns):
+    """The toy reward as a registry reward (`name: python:tests.ppo_helpers:vowel_reward`)."""
+    return vowel_share(prompts, completions)

@@ -93,7 +93,7 @@ def test_collect_bookkeeping(tiny_model_dir):
     exp = collect(pv, ref, tok, PROMPTS, vowel_share, cfg, kl_coef=0.1, forward_batch=3, seed=0)
     assert exp.size == 8 and exp.mask.shape[1] <= 5
     assert exp.prompts == [p for p in PROMPTS for _ in range(2)]
-    assert exp.raw_scores.tolist() == pytest.approx(vowel_share(None, exp.texts, None))
+    assert exp.raw_scores.tolist() == pytest.approx(vowel_share(None, exp.texts))
     # freshly attached LoRA (B = 0) is the reference: zero KL, so rewards are the score on the last token
     assert torch.allclose(exp.logprobs, exp.ref_logprobs, atol=1e-5)
     assert exp.kl.abs().max() < 1e-5

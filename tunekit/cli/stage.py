@@ -78,6 +78,8 @@ STAGES: dict[str, tuple[str, str]] = {
             "tunekit.stages.dpo:run_dpo"),
     "grpo": ("Group Relative Policy Optimization on prompts with verifiable rewards or a reward model.",
              "tunekit.stages.grpo:run_grpo"),
+    "ppo": ("RLHF with PPO: a reward model (`tunekit rm` run) and/or verifiable rewards, per-token KL to the "
+            "reference, GAE, clipped policy and value losses.", "tunekit.stages.ppo:run_ppo"),
 }
 
 

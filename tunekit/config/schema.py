@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunekit.config.sections import Section
 from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
+from tunekit.ppo.config import PPOConfig
 from tunekit.rewards.spec import RewardSpec
 
 DataFormat = Literal[
@@ -173,6 +174,7 @@ class Recipe(Section):
     rm: RMConfig = Field(default_factory=RMConfig, description="`tunekit rm` only.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="`tunekit dpo` (and cai's preference phase).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="`tunekit grpo` only.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="`tunekit ppo` only.")
     rewards: list[RewardSpec] = Field(
         default_factory=list,
         description="grpo/ppo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
@@ -191,6 +193,10 @@ class Recipe(Section):
             )
         if self.stage == "grpo" and not self.rewards:
             raise ValueError("tunekit grpo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
+        if self.stage == "ppo" and not self.rewards:
+            raise ValueError("tunekit ppo needs `rewards:`, e.g. rewards: [{name: reward_model, path: runs/rm}]")
+        if self.stage == "ppo" and self.train.max_steps < 1:
+            raise ValueError("tunekit ppo needs train.max_steps >= 1 (PPO steps, one rollout batch each)")
         if self.stage == "grpo":
             rows = self.train.batch_size * self.train.grad_accum
             if rows % self.grpo.num_generations:

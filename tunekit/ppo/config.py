@@ -1,13 +1,14 @@
 """The `ppo:` recipe section. Optimiser, steps, seed, checkpointing come from the shared `train:` section
-(train.max_steps = PPO steps, each one rollout batch; train.batch_size = rows per forward/backward pass)."""
+(train.max_steps = PPO steps, each one rollout batch; train.batch_size = rows per forward/backward pass).
+Rewards are the recipe's top-level `rewards:` list (a `tunekit rm` run is `{name: reward_model, path: RUN}`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunekit.config.schema import Section
+from tunekit.config.sections import Section
 
 
 class PPOConfig(Section):
@@ -50,12 +51,7 @@ class PPOConfig(Section):
         None, description="`separate`: backbone to start the value model from (a folder or hub id; a reward "
         "model's score head seeds the value head). Default: the policy's base."
     )
-    reward_model: str | None = Field(None, description="A `tunekit rm` run directory (or reward model folder).")
-    rewards: list[Any] = Field(
-        default_factory=list, description="Rewards from the registry (tunekit/rewards), summed with the model's."
-    )
-    # data and logging
-    prompt_column: str = Field("prompt", description="Column holding the prompt (a string or a message list).")
+    # logging
     samples_every: int = Field(10, ge=0, description="Write rollout samples to samples/ every N steps (0 = off).")
 
     @model_validator(mode="after")

@@ -116,6 +116,10 @@ class Reference:
             self.copy.requires_grad_(False)
             self.copy.eval()
 
+    @property
+    def kind(self) -> str:
+        return "frozen copy" if self.copy is not None else "adapter off"
+
     @classmethod
     def for_policy(cls, policy: nn.Module, method: str, load_base: Any = None) -> Reference:
         """`load_base()` builds a fresh base model; called only when a copy is needed."""

@@ -17,8 +17,13 @@ from tunekit.ppo.config import PPOConfig
 from tunekit.ppo.models import PolicyValue, Reference
 
 Prompt = Any  # a string or a message list
-# reward_fn(prompts, completions, rows) -> (B,) scores; `rows` are indices into the step's prompt records
-RewardFn = Callable[[list[Prompt], list[str], list[int]], Sequence[float] | torch.Tensor]
+# reward_fn(prompts, completions, records, completion_ids) -> (B,) scores. A record is one item of the
+# trainer's prompt list: a prompt, or a dict with a "prompt" key and the columns the rewards read.
+RewardFn = Callable[[list[Prompt], list[str], list[Any], list[list[int]]], Sequence[float] | torch.Tensor]
+
+
+def prompt_of(record: Any) -> Prompt:
+    return record["prompt"] if isinstance(record, dict) else record
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Experience:
     finished: torch.Tensor  # (B,) bool
     texts: list[str]
     prompts: list[Prompt]  # one per row
+    records: list[Any]  # one per row
 
     @property
     def size(self) -> int:
@@ -56,7 +62,7 @@ def collect(
     model: PolicyValue,
     reference: Reference,
     tok: Any,
-    prompts: list[Prompt],
+    records: list[Any],
     reward_fn: RewardFn,
     cfg: PPOConfig,
     kl_coef: float,
@@ -67,6 +73,7 @@ def collect(
     """Sample, score, and compute old log-probs, values, reference log-probs, rewards and advantages."""
     from tunekit.generation import sample
 
+    prompts = [prompt_of(r) for r in records]
     device = next(model.parameters()).device
     rollout = sample(
         model.policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -78,9 +85,11 @@ def collect(
     P = rollout.prompt_ids.shape[1]
     mask = rollout.response_mask.to(device=device, dtype=torch.float32)
     rows = list(rollout.prompt_index)
-    row_prompts = [prompts[i] for i in rows]
+    row_prompts, row_records = [prompts[i] for i in rows], [records[i] for i in rows]
+    completion_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids, rollout.response_mask)]
 
-    raw = torch.as_tensor(reward_fn(row_prompts, rollout.texts, rows), dtype=torch.float32).to(device).reshape(-1)
+    raw = reward_fn(row_prompts, list(rollout.texts), row_records, completion_ids)
+    raw = torch.as_tensor(raw, dtype=torch.float32).to(device).reshape(-1)
     finished = rollout.finished.to(device)
     scores = raw.clone()
     if cfg.missing_eos_penalty is not None:
@@ -109,4 +118,5 @@ def collect(
         sequences=sequences, attention_mask=attention, prompt_len=P, mask=mask, logprobs=logprobs,
         ref_logprobs=ref_logprobs, values=values * mask, raw_scores=raw, scores=scores, kl=kl, rewards=rewards,
         advantages=advantages, returns=returns, finished=finished, texts=list(rollout.texts), prompts=row_prompts,
+        records=row_records,
     )

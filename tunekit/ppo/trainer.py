@@ -19,7 +19,7 @@ import torch
 from tunekit.ppo import algorithm as alg
 from tunekit.ppo.config import PPOConfig
 from tunekit.ppo.models import PolicyValue, Reference
-from tunekit.ppo.rollout import Experience, Prompt, RewardFn, collect
+from tunekit.ppo.rollout import Experience, RewardFn, collect
 
 STATE = "trainer_state.json"
 
@@ -30,7 +30,7 @@ class PPOTrainer:
         model: PolicyValue,
         reference: Reference,
         tok: Any,
-        prompts: list[Prompt],
+        records: list[Any],
         reward_fn: RewardFn,
         cfg: PPOConfig,
         *,
@@ -47,11 +47,11 @@ class PPOTrainer:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        if not prompts:
+        if not records:
             raise ValueError("PPO needs at least one prompt")
         self.cfg = cfg
         self.tok = tok
-        self.prompts = prompts
+        self.records = records  # prompts, or dicts with a "prompt" key and the rewards' columns
         self.reward_fn = reward_fn
         self.reference = reference
         self.steps = steps
@@ -78,13 +78,13 @@ class PPOTrainer:
         self._generator = torch.Generator().manual_seed(seed)
 
     # ---- prompts: an epoch-wise shuffle that depends only on (seed, step), so a resumed run sees the same ones
-    def prompts_for(self, step: int) -> list[Prompt]:
-        n, k = len(self.prompts), self.cfg.prompts_per_step
+    def records_for(self, step: int) -> list[Any]:
+        n, k = len(self.records), self.cfg.prompts_per_step
         chosen = []
         for j in range(step * k, (step + 1) * k):
             order = list(range(n))
             random.Random(self.seed * 100_003 + j // n).shuffle(order)
-            chosen.append(self.prompts[order[j % n]])
+            chosen.append(self.records[order[j % n]])
         return chosen
 
     @property
@@ -96,7 +96,7 @@ class PPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         exp = collect(
-            self.unwrapped, self.reference, self.tok, self.prompts_for(self.step_count), self.reward_fn, cfg,
+            self.unwrapped, self.reference, self.tok, self.records_for(self.step_count), self.reward_fn, cfg,
             self.kl_ctl.value, self.forward_batch, seed=self.seed * 1_000_003 + self.step_count, chat=self.chat,
         )
         t1 = time.perf_counter()
