@@ -25,7 +25,7 @@ def test_readme_documents_every_recipe_key():
     sections = {k.rsplit(".", 1)[0] for k in keys if "." in k} - {"data.train", "data.eval"}
 
     def documented(key: str) -> bool:  # list-valued sections are documented as data.train[].path
-        variants = {key} | {key.replace(f"{p}.", f"{p}[].", 1) for p in ("data.train", "data.eval")}
+        variants = {key} | {key.replace(f"{p}.", f"{p}[].", 1) for p in ("data.train", "data.eval", "rewards")}
         return any(f"`{v}`" in text for v in variants)
 
     missing = [k for k in keys if k not in sections and not documented(k)]
