@@ -78,7 +78,7 @@ def collect(
     rollout = sample(
         model.policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, num_samples=cfg.samples_per_prompt, batch_size=cfg.generation_batch_size, seed=seed,
-        chat=chat,
+        chat=chat, backend="transformers",  # vLLM would sample from the saved weights, not the current policy
     )
     sequences = rollout.sequences.to(device)
     attention = rollout.attention_mask.to(device)
