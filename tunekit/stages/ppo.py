@@ -259,7 +259,10 @@ class PPOStage(PromptStage):
             path = spec.params.get("path")
             if spec.name == "reward_model" and path is not None and not Path(str(path)).exists():
                 raise TunekitError(f"rewards[{i}]: reward model '{path}' does not exist (give a `tunekit rm` run)")
+        from tunekit.rewards import RewardSet
+
         data = super().load_data(recipe, tok)
+        RewardSet.from_specs(recipe.rewards).check_columns(data.counts["columns"])  # before the model loads
         data.extra["eval_rows"] = list(data.eval) if data.eval is not None else []
         return data
 
