@@ -13,7 +13,6 @@ import pytest
 import torch
 from test_adapters_svd import CASES, batch, load, load_4bit, train_steps
 
-import tunekit.adapters.extra  # noqa: F401  (registers the merge hooks)
 from tunekit.adapters import AttachContext, attach, load_adapter, save_adapter
 from tunekit.config.schema import AdapterConfig
 from tunekit.errors import TunekitError

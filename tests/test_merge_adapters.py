@@ -7,9 +7,11 @@ import shutil
 import pytest
 import torch
 
+from tunekit.adapters import AdapterKind, register, unregister
+from tunekit.adapters.lora import build_lora
+from tunekit.adapters.lora import plan_merge as lora_plan
 from tunekit.errors import TunekitError
-from tunekit.merge import adapters as adapters_mod
-from tunekit.merge.adapters import AdapterType, merge_adapter, register_adapter_type, sum_adapters
+from tunekit.merge.adapters import merge_adapter, sum_adapters
 from tunekit.merge.io import SafetensorsFolder
 
 IDS = torch.tensor([[5, 17, 42, 99, 311, 7, 64, 200]])
@@ -118,17 +120,17 @@ def test_adapter_sum_refuses_plain_lora(tmp_path, tiny_model_dir):
 @pytest.fixture
 def b_only_lora_type():
     """A LoRA variant with a frozen, shared A (as LoRA-FA): summing B is exact, Σw_i·B_i·A = Σw_i·ΔW_i."""
-    adapters_mod._load_external_types()  # so restoring the list keeps tunekit's own kinds registered
-    saved = list(adapters_mod._ADAPTER_TYPES)
-    kind = AdapterType(
+    kind = AdapterKind(
         name="lora_shared_a",
+        build=build_lora,
+        methods=("lora_shared_a",),
         detect=lambda folder: (folder / "SHARED_A").is_file(),
-        plan_merge=adapters_mod._lora_plan,
+        plan_merge=lora_plan,
         summable=lambda name: ".lora_B." in name,
     )
-    register_adapter_type(kind)
+    register(kind)  # registered after the built-in LoRA kind, so detected before it
     yield kind
-    adapters_mod._ADAPTER_TYPES[:] = saved
+    unregister(kind.name)
 
 
 def _shared_a_pair(tmp_path, base_dir):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunekit.adapters import AttachContext, register, register_loader
+from tunekit.adapters import AdapterKind, AttachContext, fold_with_plan, register
 from tunekit.adapters import _svd as S
 from tunekit.adapters.lora import prepare_base
 from tunekit.config.schema import AdapterConfig
@@ -86,9 +86,6 @@ def _scale(cfg: AdapterConfig) -> float:
     return cfg.lora_alpha / math.sqrt(cfg.r) if cfg.rslora else cfg.lora_alpha / cfg.r
 
 
-@register(
-    "lora_xs", "LoRA-XS: W + s·(U_r S_r) R V_r^T, only R (r x r) trains", save=lambda m, c, o: save_lora_xs(m, o)
-)
 def build_lora_xs(model: Any, cfg: AdapterConfig, ctx: AttachContext) -> Any:
     S.check_no_extras(cfg, ctx, "lora_xs")
     model = prepare_base(model, ctx)
@@ -214,12 +211,9 @@ def export_peft_lora(folder: Path, out: Path | None = None) -> Path:
     return out
 
 
-@register_loader
-def load_lora_xs(model: Any, folder: Path) -> Any | None:
-    """Apply a saved LoRA-XS adapter to a loaded base (None when `folder` is not one). Refuses another base."""
+def load_lora_xs(model: Any, folder: Path) -> Any:
+    """Apply a saved LoRA-XS adapter to a loaded base. Refuses another base (fingerprints)."""
     folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        return None
     config, tensors = _read(folder)
     where = f"LoRA-XS adapter '{folder}'"
     quant = config.get("base_quantization")
@@ -268,3 +262,25 @@ def is_lora_xs(folder: Path) -> bool:
 def summable(tensor_name: str) -> bool:
     """adapter_sum adds R; A and B must be bit-identical (same base, same SVD)."""
     return tensor_name.endswith(".lora_xs_R")
+
+
+KIND = register(
+    AdapterKind(
+        "lora_xs",
+        build_lora_xs,
+        "LoRA-XS: W + s·(U_r S_r) R V_r^T, only R (r x r) trains",
+        save=lambda model, cfg, out: save_lora_xs(model, out),
+        detect=is_lora_xs,
+        load=load_lora_xs,
+        fold=lambda model, folder: fold_with_plan(model, folder, plan_merge),
+        plan_merge=plan_merge,
+        summable=summable,
+        finalize=export_peft_lora,  # the summed R needs a fresh plain-LoRA export
+        export_lora=lambda folder: Path(folder) / PEFT_EXPORT,
+        seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
+        "model must train and save; use lora, dora, pissa, milora or none",
+        config_file=CONFIG,
+        weights_file=WEIGHTS,
+        ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),
+    )
+)

@@ -13,18 +13,15 @@ components). With a 4-bit base the SVD is of the de-quantised weight and the res
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from tunekit.adapters import AttachContext, register
-from tunekit.adapters.pissa import build_svd_lora, save_converted
+from tunekit.adapters.pissa import build_svd_lora, svd_lora_kind
 from tunekit.config.schema import AdapterConfig
 
 
-def _save(model: Any, cfg: AdapterConfig, out_dir: Path) -> None:
-    save_converted(model, cfg, out_dir)
-
-
-@register("milora", "MiLoRA: W_res + s·B·A, A, B from the r minor singular triplets", save=_save)
 def build_milora(model: Any, cfg: AdapterConfig, ctx: AttachContext) -> Any:
     return build_svd_lora(model, cfg, ctx, "minor")
+
+
+KIND = register(svd_lora_kind("milora", build_milora, "MiLoRA: W_res + s·B·A, A, B from the r minor singular triplets"))

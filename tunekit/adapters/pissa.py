@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from tunekit.adapters import AttachContext, register
+from tunekit.adapters import AdapterKind, AttachContext, register
+from tunekit.adapters import lora as L
 from tunekit.adapters._svd import dense_weight, set_weight, svd
-from tunekit.adapters.lora import lora_config, wrap
 from tunekit.config.schema import AdapterConfig
 from tunekit.errors import TunekitError
 
@@ -93,7 +93,7 @@ def build_svd_lora(model: Any, cfg: AdapterConfig, ctx: AttachContext, part: str
         init: Any = "pissa" if cfg.svd_niter is None else f"pissa_niter_{cfg.svd_niter}"
     else:
         init = True
-    model = wrap(model, lora_config(cfg, ctx, init_lora_weights=init), ctx)
+    model = L.wrap(model, L.lora_config(cfg, ctx, init_lora_weights=init), ctx)
     if ctx.meta:
         return model
     if not use_peft_pissa:
@@ -103,10 +103,30 @@ def build_svd_lora(model: Any, cfg: AdapterConfig, ctx: AttachContext, part: str
     return model
 
 
-def _save(model: Any, cfg: AdapterConfig, out_dir: Path) -> None:
-    save_converted(model, cfg, out_dir)
-
-
-@register("pissa", "PiSSA: W_res + s·B·A, A, B from the r principal singular triplets", save=_save)
 def build_pissa(model: Any, cfg: AdapterConfig, ctx: AttachContext) -> Any:
     return build_svd_lora(model, cfg, ctx, "principal")
+
+
+def svd_lora_kind(name: str, build: Any, description: str) -> AdapterKind:
+    """PiSSA and MiLoRA: built from an SVD, saved (converted) as a plain PEFT LoRA of rank 2r relative to the
+    original base, so every operation on the saved folder is the LoRA kind's."""
+    return AdapterKind(
+        name,
+        build,
+        description,
+        save=save_converted,
+        saved_as="lora",
+        load=L.load_lora,
+        fold=L.fold_lora,
+        plan_merge=L.plan_merge,
+        sum_refusal=L.SUM_REFUSAL,
+        export_lora=lambda folder: Path(folder),
+        seq_cls_refusal="PEFT 0.21's conversion to a plain LoRA at save time (path_initial_model_for_weight_"
+        "conversion) fails on the `score` head a reward model must save (KeyError 'score.weight'); use lora, "
+        "dora or none",
+    )
+
+
+KIND = register(
+    svd_lora_kind("pissa", build_pissa, "PiSSA: W_res + s·B·A, A, B from the r principal singular triplets")
+)

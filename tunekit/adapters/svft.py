@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunekit.adapters import AttachContext, register, register_loader
+from tunekit.adapters import AdapterKind, AttachContext, fold_with_plan, register
 from tunekit.adapters import _svd as S
 from tunekit.adapters.lora import prepare_base
 from tunekit.config.schema import AdapterConfig, SVFTConfig
@@ -164,7 +164,6 @@ def _uv_dtype(layer: nn.Module) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
-@register("svft", "SVFT: W + U M V^T, only the sparse M trains", save=lambda m, c, o: save_svft(m, c, o))
 def build_svft(model: Any, cfg: AdapterConfig, ctx: AttachContext) -> Any:
     S.check_no_extras(cfg, ctx, "svft")
     sc: SVFTConfig = cfg.svft
@@ -239,13 +238,10 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, load_file(str(folder / WEIGHTS))
 
 
-@register_loader
-def load_svft(model: Any, folder: Path) -> Any | None:
-    """Apply a saved SVFT adapter to a loaded base (None when `folder` is not one): U, V are recomputed from
-    the base weights after checking their fingerprints, so a different base raises TunekitError."""
+def load_svft(model: Any, folder: Path) -> Any:
+    """Apply a saved SVFT adapter to a loaded base: U, V are recomputed from the base weights after checking
+    their fingerprints, so a different base raises TunekitError."""
     folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        return None
     config, tensors = _read(folder)
     where = f"SVFT adapter '{folder}'"
     pattern = config["svft"]["pattern"]
@@ -310,3 +306,25 @@ def is_svft(folder: Path) -> bool:
 def summable(tensor_name: str) -> bool:
     """adapter_sum adds M; the pattern indices must be bit-identical."""
     return tensor_name.endswith(".svft_M")
+
+
+KIND = register(
+    AdapterKind(
+        "svft",
+        build_svft,
+        "SVFT: W + U M V^T, only the sparse M trains",
+        save=save_svft,
+        detect=is_svft,
+        load=load_svft,
+        fold=lambda model, folder: fold_with_plan(model, folder, plan_merge),
+        plan_merge=plan_merge,
+        summable=summable,
+        export_refusal="U·M·V^T has rank up to min(d_out, d_in) (M spans all kept singular vectors), so a LoRA "
+        "holding it would be as large as the weight; fold it into the base with `tunekit merge --adapter`",
+        seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
+        "model must train and save; use lora, dora, pissa, milora or none",
+        config_file=CONFIG,
+        weights_file=WEIGHTS,
+        ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),
+    )
+)

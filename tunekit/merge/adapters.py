@@ -1,21 +1,13 @@
 """Fold adapters into their base model (streaming), and sum same-shaped summable adapters into one adapter.
 
-Adapter kinds live in a registry (`register_adapter_type`) so other tunekit modules can add theirs (LoRA-XS,
-SVFT, PiSSA/MiLoRA, ...) with their own detection, merge and "summable tensors" rules. Built in: PEFT
-LoRA, with
-rsLoRA, DoRA, rank/alpha patterns, embedding LoRA and modules_to_save.
-
-LoRA merge math (Hu et al. 2021; as PEFT's `merge_and_unload`): W' = W + s·B·A with s = α/r (rsLoRA: α/√r,
-Kalajdzievski 2023). DoRA (Liu et al. 2024): W' = m ⊙ (W + s·B·A) / ||W + s·B·A||_row, the L2 norm of each
-output row of the (out × in) weight as PEFT computes it (`DoraLinearLayer.get_weight_norm`, dim=1).
-These are computed here per base tensor so that only one base tensor is in memory at a time; the result is
-checked against PEFT's `merge_and_unload` in tests.
+Every adapter kind (its detection, merge plan, summable tensors) is one registration in tunekit.adapters; this
+module only streams: `merge_adapter` applies a kind's plan tensor by tensor, so only one base tensor is in memory
+at a time, and `sum_adapters` adds the summable tensors of N adapters of one kind.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -23,16 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunekit.adapters import AdapterKind, TensorEdits, kind_of
 from tunekit.errors import TunekitError
 from tunekit.merge.io import SafetensorsFolder, ShardedWriter, normalize_dtype, parse_size
 
 Log = Callable[[str], None]
-#: base tensor name -> function mapping the float32 base tensor W to the merged W'.
-TensorEdits = dict[str, Callable[[Any], Any]]
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 FOUR_BIT_NOTE = (
     "note: the run trained on a 4-bit quantized base; merging into the 16-bit base weights on disk instead "
     "(merging into 4-bit weights changes generations, a known PEFT issue)"
@@ -41,74 +28,6 @@ FOUR_BIT_NOTE = (
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class AdapterType:
-    """A kind of adapter tunekit can merge.
-
-    detect(folder) -> bool: is `folder` an adapter of this kind.
-    plan_merge(folder, base) -> TensorEdits: per base tensor, how to compute the merged weight (None:
-    can't merge).
-    summable(tensor_name) -> bool: which adapter tensors are trainable and are summed by `sum_adapters`; None
-      means the kind cannot be summed, and `sum_refusal` says why.
-    weights_file: the adapter's tensor file inside its folder.
-    ignore_config_keys: config keys that may differ between adapters being summed.
-    finalize(folder): called on a freshly summed adapter folder before it is renamed into place, to rebuild
-      derived files (e.g. LoRA-XS's plain-LoRA export, which a sum makes stale).
-    """
-
-    name: str
-    detect: Callable[[Path], bool]
-    plan_merge: Callable[[Path, SafetensorsFolder], TensorEdits] | None = None
-    summable: Callable[[str], bool] | None = None
-    sum_refusal: str = "this adapter type does not support adapter_sum"
-    config_file: str = ADAPTER_CONFIG
-    weights_file: str = ADAPTER_WEIGHTS
-    ignore_config_keys: tuple[str, ...] = ("inference_mode", "peft_version", "revision")
-    finalize: Callable[[Path], Any] | None = None
-
-
-_ADAPTER_TYPES: list[AdapterType] = []
-
-
-def register_adapter_type(kind: AdapterType) -> None:
-    """Register (or replace, by name) an adapter kind. Later registrations are detected first."""
-    _ADAPTER_TYPES[:] = [k for k in _ADAPTER_TYPES if k.name != kind.name]
-    _ADAPTER_TYPES.append(kind)
-
-
-def adapter_types() -> list[AdapterType]:
-    return list(_ADAPTER_TYPES)
-
-
-_EXTERNAL_LOADED = False
-
-
-def _load_external_types() -> None:
-    """Import tunekit's adapter kinds that register themselves here (tunekit.adapters.extra), once."""
-    global _EXTERNAL_LOADED
-    if _EXTERNAL_LOADED:
-        return
-    _EXTERNAL_LOADED = True
-    import importlib
-
-    try:
-        importlib.import_module("tunekit.adapters.extra")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("tunekit.adapters.extra", "tunekit.adapters"):
-            raise
-
-
-def detect_adapter_type(folder: Path) -> AdapterType:
-    _load_external_types()
-    for kind in reversed(_ADAPTER_TYPES):
-        if kind.detect(folder):
-            return kind
-    cfg = _read_json(folder / ADAPTER_CONFIG) if (folder / ADAPTER_CONFIG).is_file() else {}
-    what = f"peft_type '{cfg['peft_type']}'" if cfg.get("peft_type") else "no known adapter files"
-    known = ", ".join(k.name for k in _ADAPTER_TYPES)
-    raise TunekitError(f"adapter '{folder}': {what}; tunekit can merge: {known}")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -126,145 +45,13 @@ def _load_tensors(file: Path) -> dict[str, Any]:
     return load_file(str(file))
 
 
-# ------------------------------------------------------------------------------------------------ PEFT LoRA
-
-
-def _is_peft_lora(folder: Path) -> bool:
-    file = folder / ADAPTER_CONFIG
-    return file.is_file() and str(_read_json(file).get("peft_type", "")).upper() == "LORA"
-
-
-_UNSUPPORTED_LORA = {
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable_token_indices",
-    "use_qalora": "QA-LoRA",
-    "use_bdlora": "BD-LoRA",
-    "lora_bias": "lora_bias",
-}
-
-
-def _lora_plan(folder: Path, base: SafetensorsFolder) -> TensorEdits:
-    """Per base tensor W: W + s·ΔW (LoRA), the DoRA renormalisation, or a replacement (modules_to_save)."""
-    import torch
-    from peft.utils.other import get_pattern_key
-
-    cfg = _read_json(folder / ADAPTER_CONFIG)
-    where = f"adapter '{folder}'"
-    for key, what in _UNSUPPORTED_LORA.items():
-        if cfg.get(key):
-            raise TunekitError(
-                f"{where}: {what} is not supported by tunekit merge ({ADAPTER_CONFIG}: '{key}')"
-            )
-    if cfg.get("bias", "none") != "none":
-        raise TunekitError(f"{where}: bias='{cfg['bias']}' is not supported (only bias='none')")
-    tensors = _load_tensors(folder / ADAPTER_WEIGHTS)
-    modules: dict[str, dict[str, Any]] = {}
-    replace: dict[str, Any] = {}
-    suffixes = {
-        ".lora_A.weight": "A",
-        ".lora_B.weight": "B",
-        ".lora_embedding_A": "eA",
-        ".lora_embedding_B": "eB",
-        ".lora_magnitude_vector": "m",
-        ".lora_magnitude_vector.weight": "m",
-    }
-    for key, value in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        for suf, part in suffixes.items():
-            if name.endswith(suf):
-                modules.setdefault(name[: -len(suf)], {})[part] = value
-                break
-        else:  # a full tensor (modules_to_save, saved embedding layers): replaces the base tensor
-            replace[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = value
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-    edits: TensorEdits = {}
-    for tname, value in replace.items():
-        if tname not in base:
-            raise TunekitError(f"{where}: tensor '{tname}' has no counterpart in the base model")
-        if tuple(value.shape) != base.info(tname).shape:
-            raise TunekitError(
-                f"{where}: tensor '{tname}' shape {list(value.shape)} does not match the base "
-                f"{list(base.info(tname).shape)} (resized vocabulary?)"
-            )
-        edits[tname] = lambda w, v=value: v.to(torch.float32)
-    for mod, parts in modules.items():
-        wname = f"{mod}.weight"
-        if wname not in base:
-            hint = " (tied embeddings?)" if mod.endswith("lm_head") else ""
-            raise TunekitError(f"{where}: module '{mod}' has no weight '{wname}' in the base model{hint}")
-        embedding = "eA" in parts
-        a, b = (parts.get("eA"), parts.get("eB")) if embedding else (parts.get("A"), parts.get("B"))
-        if a is None or b is None:
-            raise TunekitError(f"{where}: module '{mod}' lacks its lora_A or lora_B tensor")
-        if a.dim() != 2:
-            raise TunekitError(f"{where}: module '{mod}': LoRA on convolutions is not supported")
-        r = int(_pattern_value(rank_pattern, mod, cfg["r"], get_pattern_key))
-        alpha = float(_pattern_value(alpha_pattern, mod, cfg["lora_alpha"], get_pattern_key))
-        if r != a.shape[0]:
-            raise TunekitError(f"{where}: module '{mod}': lora_A has rank {a.shape[0]}, config says r={r}")
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        magnitude = parts.get("m")
-        if magnitude is not None and embedding:
-            raise TunekitError(f"{where}: module '{mod}': DoRA on embeddings is not supported")
-        edits[wname] = _lora_edit(a, b, scale, embedding, fan_in_fan_out, magnitude, edits.get(wname))
-    return edits
-
-
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any, get_pattern_key: Callable) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup (`peft.utils.other.get_pattern_key`), else the default."""
-    if not pattern:
-        return default
-    key = get_pattern_key(list(pattern), module)
-    return pattern.get(key, default)
-
-
-def _lora_edit(
-    a: Any,
-    b: Any,
-    scale: float,
-    embedding: bool,
-    fan_in_fan_out: bool,
-    magnitude: Any,
-    previous: Callable[[Any], Any] | None,
-) -> Callable[[Any], Any]:
-    import torch
-
-    def edit(w: Any) -> Any:
-        if previous is not None:
-            w = previous(w)
-        delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale  # out x in (embedding: dim x vocab)
-        if embedding or fan_in_fan_out:
-            w = w.T
-        merged = w + delta
-        if magnitude is not None:
-            norm = torch.linalg.norm(merged, dim=1)
-            merged = merged * (magnitude.to(torch.float32) / norm).view(-1, 1)
-        return merged.T.contiguous() if (embedding or fan_in_fan_out) else merged
-
-    return edit
-
-
-_LORA_SUM_REFUSAL = (
-    "plain LoRA adapters cannot be summed into one adapter of the same size: "
-    "(B1+B2)(A1+A2) != B1·A1 + B2·A2, "
-    "so the result would not be the sum of the updates; fold each into the base with "
-    "`tunekit merge --base BASE --adapter A -o OUT` and merge the models (e.g. task_arithmetic), or use a "
-    "summable adapter type"
-)
-
-register_adapter_type(AdapterType("lora", _is_peft_lora, _lora_plan, None, _LORA_SUM_REFUSAL))
-
-
 # ------------------------------------------------------------------------------------------------ resolving
 
 
 @dataclass
 class ResolvedAdapter:
     folder: Path
-    kind: AdapterType
+    kind: AdapterKind
     base_hint: str | None  # base model named by the run's recipe or the adapter config
     load_in_4bit: bool
 
@@ -281,9 +68,38 @@ def resolve_adapter(path: str | Path) -> ResolvedAdapter:
         if loc is not None and loc.kind == "run":
             raise TunekitError(f"run '{path}' is a full fine-tune: {loc.model_dir} is already a merged model")
         raise TunekitError(f"'{path}' is a model folder, not an adapter or a run with an adapter")
-    kind = detect_adapter_type(loc.adapter_dir)
+    kind = kind_of(loc.adapter_dir)
     base = loc.base
     return ResolvedAdapter(loc.adapter_dir, kind, base.name if base else None, bool(base and base.load_in_4bit))
+
+
+def adapter_edits(adapter: str | Path, base: SafetensorsFolder) -> TensorEdits:
+    """The per-tensor edits that fold `adapter` (an adapter folder or a run directory) into `base` while
+    streaming: what `merge_adapter` writes, for callers that stream the base themselves (model+lora)."""
+    res = resolve_adapter(adapter)
+    if res.kind.plan_merge is None:
+        raise TunekitError(f"adapter '{res.folder}': type '{res.kind.name}' cannot be merged into a base model")
+    return res.kind.plan_merge(res.folder, base)
+
+
+def base_chain(base: str | Path) -> tuple[str, list[ResolvedAdapter]]:
+    """(root model, earlier adapters in training order) when `base` is itself a run or adapter folder (a chained
+    run: sft -> dpo), else (base, [])."""
+    from tunekit.run.locate import locate
+
+    earlier: list[ResolvedAdapter] = []
+    name = str(base)
+    for _ in range(64):
+        loc = locate(name)
+        if loc is None or loc.adapter_dir is None:
+            root = str(loc.model_dir) if loc is not None and loc.model_dir is not None else name
+            return root, earlier[::-1]
+        res = resolve_adapter(loc.adapter_dir if loc.kind == "adapter" else loc.path)
+        if res.base_hint is None:
+            raise TunekitError(f"adapter '{res.folder}': no base model recorded")
+        earlier.append(res)
+        name = res.base_hint
+    raise TunekitError(f"'{base}': a chain of more than 64 runs (a run that names itself?)")
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -323,18 +139,21 @@ def merge_adapter(
     out_dtype = normalize_dtype(dtype, "--dtype")
     res = resolve_adapter(adapter)
     if res.kind.plan_merge is None:
-        raise TunekitError(
-            f"adapter '{res.folder}': type '{res.kind.name}' cannot be merged into a base model"
-        )
+        raise TunekitError(f"adapter '{res.folder}': type '{res.kind.name}' cannot be merged into a base model")
     base_name = base if base is not None else res.base_hint
     if base_name is None:
         raise TunekitError(f"adapter '{res.folder}': no base model recorded; pass --base")
-    base_path = resolve_model(base_name)
-    check_not_quantized(base_path, str(base_name))
+    root, earlier = base_chain(base_name)
+    base_path = resolve_model(root)
+    check_not_quantized(base_path, str(root))
     if res.load_in_4bit:
         log(FOUR_BIT_NOTE)
-    folder = SafetensorsFolder(base_path, label=str(base_name))
-    edits = res.kind.plan_merge(res.folder, folder)
+    folder = SafetensorsFolder(base_path, label=str(root))
+    edits: TensorEdits = {}
+    for step in [*earlier, res]:  # a chained run: the earlier adapters first, in training order
+        for name, edit in adapter_edits(step.folder, folder).items():
+            prev = edits.get(name)
+            edits[name] = edit if prev is None else (lambda w, edit=edit, prev=prev: edit(prev(w)))
     plan = [(n, folder.info(n).shape, out_dtype or folder.info(n).dtype) for n in folder.names()]
     plan = [(n, s, d if folder.info(n).is_float else folder.info(n).dtype) for n, s, d in plan]
     with atomic_output(output, overwrite) as tmp:
@@ -358,7 +177,8 @@ def merge_adapter(
         copied_tok = [p.name for p in res.folder.glob("tokenizer*") if p.is_file()]
         for name in copied_tok:
             shutil.copy2(res.folder / name, tmp / name)
-        notes = [f"base: `{base_name}`", f"adapter: `{adapter}` ({res.kind.name})"]
+        notes = [f"base: `{root}`", *(f"folded first: `{e.folder}` ({e.kind.name})" for e in earlier),
+                 f"adapter: `{adapter}` ({res.kind.name})"]
         if res.load_in_4bit:
             notes.append("trained on a 4-bit base; merged into the 16-bit base weights")
         config_text = (

@@ -2,6 +2,14 @@
 
 Handles: the `smollm2-135m` alias, dtype `auto` by device, attention implementation, 4/8-bit via
 bitsandbytes, pad-token fix, chat-template fallback, and config-only meta-device builds for `--dry-run`.
+
+Chaining runs: `model.name` may be a finished run directory or an adapter folder (tunekit.run.locate). A
+full-fine-tune run (RUN/model) loads directly; an adapter is folded into its base in memory (W' = W + ΔW, every
+adapter kind, tunekit.adapters.fold_adapter), recursively when that base is itself a run (sft -> dpo -> grpo),
+with the run's saved tokenizer (it may carry added chat tokens). The policy then starts from the earlier
+result and, with a new adapter, the adapter-disabled reference is that folded model (as the DPO paper
+prescribes). With 4/8-bit loading the fold happens in 16-bit and the folded model is quantized afterwards.
+The loaded model records the chain in `model.tunekit_chain` (oldest first) for the run card.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tunekit.config.schema import ModelConfig
 from tunekit.errors import TunekitError
 from tunekit.models.embedded import ALIASES, embedded_path
+from tunekit.run.locate import Located, locate
 
 if TYPE_CHECKING:
     import torch
@@ -77,10 +86,66 @@ def _wrap_load_error(name: str, exc: Exception) -> TunekitError:
     return TunekitError(f"cannot load model '{name}': {first}")
 
 
+def earlier_run(cfg: ModelConfig) -> Located | None:
+    """The finished run or adapter folder `cfg.name` names (chaining), else None (alias, hub id, model)."""
+    if cfg.name in ALIASES:
+        return None
+    loc = locate(cfg.name)
+    return loc if loc is not None and loc.kind != "model" else None
+
+
+def _base_of(loc: Located, cfg: ModelConfig) -> ModelConfig:
+    """The section to load an earlier adapter's base with: its name and revision from the run that trained it,
+    every loading option (dtype, attention, trust_remote_code, template) from the current recipe."""
+    if loc.base is None:
+        raise TunekitError(f"adapter '{loc.adapter_dir}' does not name its base model (no run recipe.yaml, no "
+                           "base_model_name_or_path in adapter_config.json)")
+    return cfg.model_copy(update={"name": loc.base.name, "revision": loc.base.revision})
+
+
+def _saved_tokenizer_dir(loc: Located) -> Path | None:
+    folder = loc.model_dir or loc.adapter_dir
+    return folder if folder is not None and (folder / "tokenizer_config.json").is_file() else None
+
+
+def chain_of(cfg: ModelConfig) -> list[dict[str, Any]]:
+    """The runs folded into the model `cfg` names, oldest first: [{path, kind, base}] (no weights read)."""
+    chain: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    while (loc := earlier_run(cfg)) is not None:
+        path = loc.path.resolve()
+        if path in seen or len(seen) > 64:
+            raise TunekitError(f"model.name '{cfg.name}': the chain of runs loops back to '{loc.path}'")
+        seen.add(path)
+        if loc.model_dir is not None:
+            chain.append({"path": str(path), "kind": "full", "model": str(loc.model_dir.resolve())})
+            break
+        from tunekit.adapters import kind_of
+
+        base = _base_of(loc, cfg)
+        chain.append({"path": str(path), "kind": kind_of(loc.adapter_dir).name, "base": base.name})
+        cfg = base
+    return chain[::-1]
+
+
+def root_model(cfg: ModelConfig) -> ModelConfig:
+    """The section of the model at the bottom of a chain (a full-fine-tune run's model/ folder, or the base the
+    first adapter was trained on); `cfg` itself when it names no run."""
+    for _ in range(66):
+        loc = earlier_run(cfg)
+        if loc is None:
+            return cfg
+        if loc.model_dir is not None:
+            return cfg.model_copy(update={"name": str(loc.model_dir)})
+        cfg = _base_of(loc, cfg)
+    raise TunekitError(f"model.name '{cfg.name}': a chain of more than 64 runs")
+
+
 def load_config(cfg: ModelConfig):
-    """The model's transformers config (config.json only; no weights)."""
+    """The model's transformers config (config.json only; no weights); of the chain's root for a run."""
     from transformers import AutoConfig
 
+    cfg = root_model(cfg)
     path = resolve_model_path(cfg.name)
     try:
         return AutoConfig.from_pretrained(str(path), **_hub_kwargs(cfg))
@@ -89,12 +154,21 @@ def load_config(cfg: ModelConfig):
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Tokenizer with a pad token and a chat template (the model's own, or the recipe's / `chatml`)."""
+    """Tokenizer with a pad token and a chat template (the model's own, or the recipe's / `chatml`). For a run
+    or adapter folder: the tokenizer saved with it (else its base's)."""
     from transformers import AutoTokenizer
 
     from tunekit.data.templates import apply_template_choice
 
-    path = resolve_model_path(cfg.name)
+    loc = earlier_run(cfg)
+    if loc is not None:
+        saved = _saved_tokenizer_dir(loc)
+        if saved is None:
+            return load_tokenizer(_base_of(loc, cfg) if loc.model_dir is None else
+                                  cfg.model_copy(update={"name": str(loc.model_dir)}))
+        path: Path | str = saved
+    else:
+        path = resolve_model_path(cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
@@ -145,9 +219,45 @@ def _quantization_config(cfg: ModelConfig, dtype: torch.dtype):
 def load_model(
     cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, task: str = "causal_lm"
 ) -> PreTrainedModel:
-    """Load the causal LM named by `cfg` (weights read), sized to the tokenizer if tokens were added.
+    """Load the causal LM named by `cfg` (weights read), sized to the tokenizer if tokens were added. A run or
+    adapter folder is loaded as its base with the adapter folded in (see the module docstring).
 
     task="seq_cls": the same backbone with a one-output score head (a reward model, r(x, y) ∈ R)."""
+    loc = earlier_run(cfg)
+    if loc is None:
+        model = _load_plain(cfg, tokenizer, task)
+    elif loc.model_dir is not None:
+        model = _load_plain(cfg.model_copy(update={"name": str(loc.model_dir)}), tokenizer, task)
+    else:
+        model = _load_folded(cfg, loc, tokenizer, task)
+    model.tunekit_chain = chain_of(cfg)
+    return model
+
+
+def _load_folded(
+    cfg: ModelConfig, loc: Located, tokenizer: PreTrainedTokenizerBase | None, task: str
+) -> PreTrainedModel:
+    """Base (16/32-bit, itself folded when it is a run) + the earlier adapter merged in; quantized after."""
+    from tunekit.adapters import fold_adapter
+
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    base = _base_of(loc, cfg).model_copy(update={"load_in_4bit": False, "load_in_8bit": False})
+    model = fold_adapter(load_model(base, tokenizer, task), loc.adapter_dir)
+    if hasattr(model, "tunekit_new_token_ids"):  # trained by the earlier run: no longer new
+        del model.tunekit_new_token_ids
+    if not quantized:
+        return model
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="tunekit-folded-")
+    model.save_pretrained(tmp.name, safe_serialization=True)
+    del model
+    quant_model = _load_plain(cfg.model_copy(update={"name": tmp.name}), tokenizer, task)
+    quant_model.tunekit_folded_dir = tmp  # the folded 16-bit weights, removed with the model
+    return quant_model
+
+
+def _load_plain(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, task: str) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.name)
@@ -206,7 +316,15 @@ def build_meta_model(cfg: ModelConfig) -> PreTrainedModel:
     config = load_config(cfg)
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         except ValueError as exc:
             raise _wrap_load_error(cfg.name, exc) from None
+        loc = earlier_run(cfg)
+        saved = _saved_tokenizer_dir(loc) if loc is not None else None
+        if saved is not None:  # a run whose template added tokens: the vocabulary it trained with
+            rows = len(load_tokenizer(cfg))
+            if rows > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(rows, mean_resizing=False)
+    model.tunekit_chain = chain_of(cfg)
+    return model
 
