@@ -134,8 +134,8 @@ def test_fold_refuses_a_quantized_base(saved, tiny_model_dir):
 
 
 def test_check_targets_names_what_matches_nothing(tiny_model_dir):
-    from tunekit.models.load import build_meta_model
     from tunekit.config.schema import ModelConfig
+    from tunekit.models.load import build_meta_model
 
     for model in (load(tiny_model_dir), build_meta_model(ModelConfig(name=str(tiny_model_dir)))):
         with pytest.raises(TunekitError, match=r"adapter.targets: 'qproj', 'v' match no module"):
