@@ -243,17 +243,27 @@ def _load_folded(
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
     base = _base_of(loc, cfg).model_copy(update={"load_in_4bit": False, "load_in_8bit": False})
     model = fold_adapter(load_model(base, tokenizer, task), loc.adapter_dir)
-    if hasattr(model, "tunekit_new_token_ids"):  # trained by the earlier run: no longer new
-        del model.tunekit_new_token_ids
+    if hasattr(model, "tunekit_new_token_ids"):  # rows the earlier run trained are no longer new
+        saved = _saved_tokenizer_dir(loc)
+        if saved is not None:
+            from transformers import AutoTokenizer
+
+            trained_rows = len(AutoTokenizer.from_pretrained(str(saved)))
+            model.tunekit_new_token_ids = [i for i in model.tunekit_new_token_ids if i >= trained_rows]
+        if not model.tunekit_new_token_ids:
+            del model.tunekit_new_token_ids
     if not quantized:
         return model
     import tempfile
 
     tmp = tempfile.TemporaryDirectory(prefix="tunekit-folded-")
     model.save_pretrained(tmp.name, safe_serialization=True)
+    new_ids = getattr(model, "tunekit_new_token_ids", None)
     del model
     quant_model = _load_plain(cfg.model_copy(update={"name": tmp.name}), tokenizer, task)
     quant_model.tunekit_folded_dir = tmp  # the folded 16-bit weights, removed with the model
+    if new_ids:
+        quant_model.tunekit_new_token_ids = new_ids
     return quant_model
 
 
