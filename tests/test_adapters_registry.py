@@ -139,7 +139,7 @@ def test_check_targets_names_what_matches_nothing(tiny_model_dir):
     for model in (load(tiny_model_dir), build_meta_model(ModelConfig(name=str(tiny_model_dir)))):
         with pytest.raises(TunekitError, match=r"adapter.targets: 'qproj', 'v' match no module"):
             attach(model, AdapterConfig(targets=["q_proj", "qproj", "v"]), AttachContext(meta=True))
-        with pytest.raises(TunekitError, match=r"adapter.modules_to_save: 'lm_hed' match no module"):
+        with pytest.raises(TunekitError, match=r"adapter.modules_to_save: 'lm_hed' matches no module"):
             check_targets(model, AdapterConfig(modules_to_save=["lm_hed"]))
         with pytest.raises(TunekitError, match="regular expression '.*attn.q' matches no module"):
             check_targets(model, AdapterConfig(targets=".*attn.q"))

@@ -209,8 +209,10 @@ def test_svd_niter_refused_where_it_cannot_work():
 def test_bad_inputs_are_tunekit_errors(tiny_model_dir):
     with pytest.raises(TunekitError, match="exceeds"):
         attach(load(tiny_model_dir), AdapterConfig(method="lora_xs", r=40), AttachContext())
-    with pytest.raises(TunekitError, match="no linear layer"):
+    with pytest.raises(TunekitError, match="'nope' matches no module"):
         attach(load(tiny_model_dir), AdapterConfig(method="svft", targets=["nope"]), AttachContext())
+    with pytest.raises(TunekitError, match="no linear layer"):
+        attach(load(tiny_model_dir), AdapterConfig(method="svft", targets=["input_layernorm"]), AttachContext())
     with pytest.raises(TunekitError, match="new token"):
         attach(load(tiny_model_dir), AdapterConfig(method="svft"), AttachContext(new_token_ids=[5]))
 

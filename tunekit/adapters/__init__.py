@@ -176,7 +176,7 @@ def check_targets(model: Any, cfg: AdapterConfig, task: Task = "causal_lm") -> N
         missing = [t for t in cfg.targets if not any(_matches(n, t) for n in names)]
         if missing:
             raise TunekitError(
-                f"adapter.targets: {', '.join(map(repr, missing))} match no module of the model "
+                f"adapter.targets: {_listed(missing)} no module of the model "
                 f"(module names end with e.g. {_suffix_examples(names)})"
             )
     elif cfg.targets != "all-linear":
@@ -190,9 +190,13 @@ def check_targets(model: Any, cfg: AdapterConfig, task: Task = "causal_lm") -> N
     missing = [m for m in extra if not any(_matches(n, m) for n in names)]
     if missing:
         raise TunekitError(
-            f"adapter.modules_to_save: {', '.join(map(repr, missing))} match no module of the model "
+            f"adapter.modules_to_save: {_listed(missing)} no module of the model "
             f"(module names end with e.g. {_suffix_examples(names)})"
         )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(map(repr, names)) + (" match" if len(names) > 1 else " matches")
 
 
 def _suffix_examples(names: list[str], limit: int = 8) -> str:
