@@ -183,3 +183,32 @@ def test_merge_of_a_chained_run_folds_the_whole_chain(tmp_path, tiny_model_dir):
 
     with pytest.raises(TunekitError, match="fingerprint"):
         load_adapter(load(tiny_model_dir), run_b / "adapter")
+
+
+@pytest.mark.slow
+def test_dpo_on_an_sft_run_references_the_folded_model(sft_runs, tmp_path):
+    """sft -> dpo: the policy starts from the folded sft result, and the reference (the adapter disabled: one
+    copy of the weights) is that same folded model, so the step-0 DPO loss is log 2."""
+    from test_preference_stages import PAIRS, _base_storages, _stage_context
+
+    from tunekit.stages.dpo import DPOStage
+
+    first, _ = sft_runs
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:8])
+    recipe = load_recipe(None, [f"model.name={first.path}", f"data.train={pairs}", "train.batch_size=4",
+                                "train.max_steps=1", "adapter.dropout=0", "adapter.r=4"], defaults={"stage": "dpo"})
+    stage = DPOStage()
+    ctx = _stage_context(stage, recipe, tmp_path)
+    assert [link["path"] for link in ctx.model.tunekit_chain] == [str(first.path.resolve())]
+    storages = _base_storages(ctx.model)
+    trainer = stage.build_trainer(ctx)
+    assert trainer.ref_model is None and _base_storages(trainer.model) == storages
+    tok = ctx.tokenizer
+    ids = _ids(tok)
+    folded = load_model(ModelConfig(name=str(first.path)), tok)
+    with trainer.model.disable_adapter():
+        assert torch.allclose(_logits(trainer.model, ids), _logits(folded, ids), atol=1e-5)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model.eval(), dict(batch))
+    assert float(loss) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-5)
