@@ -278,7 +278,7 @@ KIND = register(
         finalize=export_peft_lora,  # the summed R needs a fresh plain-LoRA export
         export_lora=lambda folder: Path(folder) / PEFT_EXPORT,
         seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
-        "model must train and save; use lora, dora, pissa, milora or none",
+        "model must train and save; use lora, dora or none",
         config_file=CONFIG,
         weights_file=WEIGHTS,
         ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),

@@ -322,7 +322,7 @@ KIND = register(
         export_refusal="U·M·V^T has rank up to min(d_out, d_in) (M spans all kept singular vectors), so a LoRA "
         "holding it would be as large as the weight; fold it into the base with `tunekit merge --adapter`",
         seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
-        "model must train and save; use lora, dora, pissa, milora or none",
+        "model must train and save; use lora, dora or none",
         config_file=CONFIG,
         weights_file=WEIGHTS,
         ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),

@@ -186,11 +186,12 @@ class Recipe(Section):
     def _sections_of_this_stage(self) -> Recipe:
         for name in sorted(self.foreign_sections() & self.model_fields_set):
             raise ValueError(foreign_section_message(name, self.stage))
-        if self.stage == "rm" and self.adapter.method in ("lora_xs", "svft"):
-            raise ValueError(
-                f"adapter.method '{self.adapter.method}' cannot train a reward model: its frozen-SVD modules leave "
-                "no place for the new score head; use lora, dora, pissa, milora or none"
-            )
+        if self.stage == "rm":
+            from tunekit.adapters import get_kind
+
+            refusal = get_kind(self.adapter.method).seq_cls_refusal
+            if refusal:
+                raise ValueError(f"adapter.method={self.adapter.method} cannot train a reward model: {refusal}")
         if self.stage == "grpo" and not self.rewards:
             raise ValueError("tunekit grpo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
         if self.stage == "ppo" and not self.rewards:

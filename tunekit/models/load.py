@@ -315,18 +315,23 @@ def _match_tokenizer(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> No
     model.config.pad_token_id = tok.pad_token_id
 
 
-def build_meta_model(cfg: ModelConfig) -> PreTrainedModel:
+def build_meta_model(cfg: ModelConfig, task: str = "causal_lm") -> PreTrainedModel:
     """Instantiate the architecture on the meta device from config.json alone (no weights read).
 
     Works on a folder that holds only a config.json; quantization flags are ignored (counts are the same).
+    task="seq_cls" builds the reward-model form (one-output score head).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(cfg)
+    auto = AutoModelForCausalLM
+    if task == "seq_cls":
+        config.num_labels = 1
+        auto = AutoModelForSequenceClassification
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
         except ValueError as exc:
             raise _wrap_load_error(cfg.name, exc) from None
         loc = earlier_run(cfg)

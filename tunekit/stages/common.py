@@ -34,8 +34,9 @@ def output_of(recipe: Recipe) -> Path:
 
 def dry_run(recipe: Recipe) -> int:
     """Resolve the recipe and count trainable parameters on the meta device (config.json only, no weights)."""
-    model = build_meta_model(recipe.model)
-    ctx = AttachContext(quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit, meta=True)
+    task = "seq_cls" if recipe.stage == "rm" else "causal_lm"
+    model = build_meta_model(recipe.model, task=task)
+    ctx = AttachContext(quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit, meta=True, task=task)
     model = attach(model, recipe.adapter, ctx)
     trainable, total = count_trainable(model)
     print(dump_recipe(recipe), end="")
