@@ -36,7 +36,7 @@ def load_reward_model(path: str | Path, dtype: Any = None, device: str | None = 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunekit.models.load import device_type, fix_pad_token, resolve_model_path
+    from tunekit.models.load import device_type, fix_pad_token, load_model, resolve_model_path
     from tunekit.run.locate import locate
 
     loc = locate(path)
@@ -66,13 +66,9 @@ def load_reward_model(path: str | Path, dtype: Any = None, device: str | None = 
 
         tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else resolve_model_path(loc.base.name)
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        base_path = resolve_model_path(loc.base.name)
-        try:
-            base = AutoModelForSequenceClassification.from_pretrained(str(base_path), num_labels=1, **common)
-        except (OSError, ValueError) as exc:
-            raise TunekitError(f"cannot load reward model base '{loc.base.name}': {str(exc).splitlines()[0]}") from None
-        if len(tok) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(tok))
+        # the base may itself be an earlier run (rm on an sft run): load_model folds that chain in memory
+        base = load_model(loc.base.model_copy(update={"dtype": str(dtype).removeprefix("torch.")}), tok,
+                          task="seq_cls")
         model = PeftModel.from_pretrained(base, str(adapter))
     fix_pad_token(tok)
     model.config.pad_token_id = tok.pad_token_id
