@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tunekit.cai.config import CaiConfig
 from tunekit.config.sections import Section
 from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
 from tunekit.ppo.config import PPOConfig
@@ -180,6 +181,7 @@ class Recipe(Section):
         description="grpo/ppo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
         "are the reward's parameters (docs/rewards.md).",
     )
+    cai: CaiConfig = Field(default_factory=CaiConfig, description="Constitutional AI (`tunekit cai`).")
     output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")
 
     @model_validator(mode="after")

@@ -1,0 +1,1 @@
+"""Constitutional AI (Bai et al., 2022): constitution, critique/revision loop, AI-feedback preferences."""
