@@ -27,12 +27,10 @@ def cai(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted phase; skip finished ones (all)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
 ) -> None:
-    from tunekit.config.load import dump_recipe, load_recipe
+    from tunekit.cli.stage import resolve_recipe
+    from tunekit.config.load import dump_recipe
 
-    overrides = list(set_)
-    if output is not None:
-        overrides.append(f"output={output}")
-    cfg = load_recipe(recipe, overrides, defaults={"stage": "cai"})
+    cfg = resolve_recipe("cai", recipe, set_, output)
     if print_config:
         typer.echo(dump_recipe(cfg), nl=False)
         return
