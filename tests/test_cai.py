@@ -296,13 +296,14 @@ def test_sigkill_mid_critique_resumes_without_duplicates_or_losses(tmp_path, sto
     args = ["-m", "tunekit", "cai", "--phase", "critique", "-o", str(out), "--set", f"model.name={stopping_model_dir}",
             "--set", f"cai.prompts={prompts}", "--set", "cai.generation_batch_size=2", "--set", "cai.max_new_tokens=24",
             "--set", "cai.critique_max_new_tokens=16"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = (tmp_path / "stderr.txt").open("w")  # a file, not a pipe: a full pipe would stall the child
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 900  # a loaded 2-core CI box needs minutes to import and load
     while time.time() < deadline and proc.poll() is None:
         if log.is_file() and log.read_text().count("\n") >= 1:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+    assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "stderr.txt").read_text()
     assert log.is_file(), "no prompt finished within the deadline"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
