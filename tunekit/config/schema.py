@@ -164,6 +164,14 @@ class GenerateConfig(Section):
     prompts: list[str] | None = Field(None, description="Prompts for samples; default: eval prompts.")
 
 
+class LaunchConfig(Section):
+    gpus: int = Field(1, ge=1, description="GPUs per node; more than one relaunches under `accelerate launch`.")
+    nodes: int = Field(1, ge=1, description="Machines (multi-node needs --main-address and --machine-rank).")
+    strategy: Literal["auto", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"] = Field(
+        "auto", description="Data-parallel strategy; `auto` = the memory planner's choice (see `tunekit plan`)."
+    )
+
+
 class Recipe(Section):
     stage: Stage = Field("sft", description="Which stage this recipe is for (set by the command).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -180,6 +188,7 @@ class Recipe(Section):
         description="grpo/ppo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
         "are the reward's parameters (docs/rewards.md).",
     )
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")
 
     @model_validator(mode="after")
