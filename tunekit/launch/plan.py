@@ -539,3 +539,20 @@ def apply_to_recipe(recipe: Any, setup: Setup) -> Any:
     if "launch" in data:
         data["launch"].update(gpus=setup.gpus, nodes=setup.nodes, strategy=setup.strategy)
     return type(recipe).model_validate(data)
+
+
+def startup_estimate(recipe: Any, stage: str | None = None) -> tuple[str, bool] | None:
+    """(one-line estimate, exceeds free memory) for the start of a training command on a CUDA GPU, else None.
+
+    Uses the free memory of this process's GPU and the world size of the launch (WORLD_SIZE)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = os.environ.get("TUNEKIT_STRATEGY") or None
+    plan = estimate(recipe, float(free), gpus=world, strategy=strategy, stage=stage, recommend_fit=False)
+    return plan.summary(), plan.peak > free
