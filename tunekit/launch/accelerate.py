@@ -189,6 +189,8 @@ def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path) ->
     cuda = device_type() == "cuda"
     mixed = "bf16" if cuda and resolve_dtype(recipe.model) == torch.bfloat16 else "no"
     folder = Path(str(output) + ".launch")
+    if opts.nodes > 1:  # each machine writes its own machine_rank (a shared filesystem must not mix them)
+        folder = folder / f"machine-{opts.machine_rank}"
     cfg_file = write_launch_files(folder, opts, strategy, mixed, recipe.train.gradient_checkpointing)
     # every rank must agree on the run directory: pin the resolved output (the default has a timestamp)
     child_argv = [*argv, "--set", f"output={output}"]
