@@ -170,3 +170,26 @@ def test_fsdp2_shards_a_tiny_model_over_two_cpu_processes(tmp_path, tiny_model_d
     assert sum(out["local"]) == out["total"] and abs(out["local"][0] - out["local"][1]) <= out["total"] * 0.01
     assert out["grads"] == out["local"][0]  # gradients are sharded too
     assert out["loss"] > 0
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_matches_one(tmp_path, tiny_model_dir):
+    """`tunekit dpo --gpus 2`: the DPO loss is a mean over pairs, DDP averages two equal halves, so one SGD step
+    over all eight pairs gives the same adapter on 2 processes x 4 pairs as on 1 process x 8 pairs."""
+    pairs = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": f"{a + b + 1} maybe"}
+             for a in range(1, 3) for b in range(1, 5)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+
+    def dpo(out, *flags, batch):
+        sets = [f"model.name={tiny_model_dir}", f"data.train={data}", "data.eval_split=0", "train.max_steps=1",
+                f"train.batch_size={batch}", "train.optim=sgd", "train.lr=0.5", "train.warmup_ratio=0",
+                "train.lr_scheduler=constant", "train.save_steps=0", "generate.samples=0", "adapter.dropout=0"]
+        res = run_cli("dpo", *flags, *[a for s in sets for a in ("--set", s)], "-o", out, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return _adapter(out)
+
+    two = dpo(tmp_path / "two", "--gpus", "2", batch=4)
+    assert json.loads((tmp_path / "two" / "run_card.json").read_text())["world_size"] == 2
+    one = dpo(tmp_path / "one", batch=8)
+    assert max(t.abs().max() for t in two.values()) > 1e-4
+    _assert_same_adapter(two, one)
