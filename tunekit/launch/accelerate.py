@@ -85,6 +85,8 @@ def accelerate_config(opts: LaunchOptions, strategy: str, mixed_precision: str, 
         cfg["main_process_ip"] = opts.main_address
         cfg["main_process_port"] = opts.main_port
     if strategy in ZERO_STAGE:
+        # precision comes from the JSON's `auto` (TrainingArguments.bf16); accelerate refuses it in both places
+        del cfg["mixed_precision"]
         cfg["distributed_type"] = "DEEPSPEED"
         cfg["deepspeed_config"] = {"deepspeed_config_file": str(deepspeed_file),
                                    "zero3_init_flag": ZERO_STAGE[strategy] == 3}
