@@ -527,7 +527,8 @@ def estimate(recipe: Any, gpu_mem: float | str, gpus: int = 1, nodes: int = 1, s
 def apply_to_recipe(recipe: Any, setup: Setup) -> Any:
     """The recipe with the setup's method, quantization, batch, accumulation and checkpointing (and launch
     section, when the schema has one)."""
-    data = recipe.model_dump()
+    foreign = recipe.foreign_sections() if hasattr(recipe, "foreign_sections") else set()
+    data = recipe.model_dump(exclude=foreign)  # other stages' sections are refused on validation
     data["adapter"]["method"] = setup.method
     data["model"]["load_in_4bit"] = setup.quant in ("nf4", "fp4")
     data["model"]["load_in_8bit"] = setup.quant == "int8"
