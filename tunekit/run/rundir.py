@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.errors import TunekitError
+from tunekit.launch import ranks
 from tunekit.run.atomic import commit, partial_path
 
 
@@ -31,6 +32,8 @@ class RunDir:
         """Check the output before any work; nothing is created until `create()` (after data and model load)."""
         final = Path(output)
         work = partial_path(final)
+        if not ranks.is_main():  # rank 0 checks and writes; the others follow it
+            return cls(final, work, resume)
         if resume:
             if not work.is_dir():
                 if final.is_dir():
@@ -49,11 +52,11 @@ class RunDir:
 
     def create(self) -> None:
         """Make the `.partial` folder (a fresh one unless resuming; --overwrite discards an interrupted one)."""
-        if self.resuming:
-            return
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        if not self.resuming and ranks.is_main():
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+        ranks.barrier()
 
     @property
     def checkpoints(self) -> Path:
@@ -67,14 +70,19 @@ class RunDir:
 
     def write_json(self, name: str, data: Any) -> Path:
         path = self.path / name
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        if ranks.is_main():
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
         return path
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name
-        path.write_text(text, encoding="utf-8")
+        if ranks.is_main():
+            path.write_text(text, encoding="utf-8")
         return path
 
     def finish(self) -> Path:
-        """Rename `.partial` to the final name (replacing an old run only now, with --overwrite)."""
+        """Rename `.partial` to the final name (replacing an old run only now, with --overwrite); rank 0 only."""
+        ranks.barrier()
+        if not ranks.is_main():
+            return self.final
         return commit(self.path, self.final)

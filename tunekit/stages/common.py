@@ -106,6 +106,9 @@ def training_arguments(recipe: Recipe, run: RunDir, config_class: Any = None, **
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
     )
+    from tunekit.launch.accelerate import trainer_overrides
+
+    kwargs.update(trainer_overrides())  # DeepSpeed JSON when launched with --strategy zero*
     kwargs.update(overrides)
     if "tensorboard" in t.report_to:  # transformers 5 reads the log folder from this variable only
         import os
@@ -120,10 +123,14 @@ def standard_callbacks(run: RunDir, collator: Any) -> list:
 
 def save_outputs(recipe: Recipe, run: RunDir, model: Any, tok: Any) -> Path:
     """Final adapter (PEFT layout) or full model, with the tokenizer beside it; loss plot."""
+    from tunekit.launch import ranks
+
     target = run.path / ("model" if recipe.adapter.method == "none" else "adapter")
-    save_adapter(model, recipe.adapter, target)
-    tok.save_pretrained(target)
-    plot_loss(run.path / "metrics.jsonl", run.path / "loss.png")
+    with ranks.gathered_for_save(model, full=recipe.adapter.method == "none"):  # ZeRO-3: every rank gathers
+        if ranks.is_main():
+            save_adapter(model, recipe.adapter, target)
+            tok.save_pretrained(target)
+            plot_loss(run.path / "metrics.jsonl", run.path / "loss.png")
     return target
 
 

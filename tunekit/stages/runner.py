@@ -129,7 +129,12 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         target = stage.save(ctx, trainer)
         metrics = dict(result.metrics)
         # 6. Held-out metrics and sample generations: a failure here keeps the trained adapter.
-        for what, step in (("evaluation", stage.evaluate), ("sample generation", stage.write_samples)):
+        from tunekit.launch import ranks
+
+        steps = [("evaluation", stage.evaluate), ("sample generation", stage.write_samples)]
+        if not ranks.is_main() or ranks.zero3_partitioned(model):  # rank 0 writes; ZeRO-3 generation needs all
+            steps = steps[:1]
+        for what, step in steps:
             try:
                 # (`step is stage.evaluate` never held: each attribute access makes a new bound method)
                 out = step(ctx, trainer) if what == "evaluation" else step(ctx)
@@ -142,6 +147,7 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
                 metrics.update(out)
         metrics_cb = next((c for c in ctx.callbacks if hasattr(c, "loop_seconds")), None)
         ctx.card.update(
+            world_size=ranks.world_size(),
             finished=True,
             train_seconds=round(train_seconds, 2),
             train_loop_seconds=round(getattr(metrics_cb, "loop_seconds", None) or 0.0, 3),
