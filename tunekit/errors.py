@@ -46,6 +46,8 @@ def describe_file_error(exc: BaseException, path: str | Path | None = None) -> s
     if isinstance(exc, UnicodeDecodeError):
         return f"{name or 'input'}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
     if isinstance(exc, json.JSONDecodeError):
+        if name and Path(name).is_dir():
+            return f"{name}: a JSON file in it is invalid: {exc.msg} (line {exc.lineno})"
         return f"{name or 'input'}:{exc.lineno}: invalid JSON: {exc.msg}"
     try:
         import jinja2

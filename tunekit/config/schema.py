@@ -273,7 +273,9 @@ class TrainConfig(Section):
             one_of("train.report_to", name, names)
             packages = TRACKER_PACKAGES.get(name, ())
             if packages and not any(importlib.util.find_spec(p) for p in packages):
-                raise ValueError(f"train.report_to: '{name}' needs the {packages[0]} package (pip install {packages[0]})")
+                raise ValueError(
+                    f"train.report_to: '{name}' needs the {packages[0]} package (pip install {packages[0]})"
+                )
         return v
 
     @model_validator(mode="after")
