@@ -63,8 +63,11 @@ def tracker_names() -> list[str]:
 
 
 def no_effect(section: BaseModel, keys: Iterable[str], why: str, prefix: str) -> None:
-    """Refuse keys the user set that do nothing in the chosen mode (`why` says which mode)."""
-    given = [k for k in keys if k in section.model_fields_set]
+    """Refuse keys the user set to a non-default value that does nothing in the chosen mode (`why` says which).
+    Defaults pass, so a resolved recipe (every key written out, e.g. a run's recipe.yaml) loads again."""
+    fields = type(section).model_fields
+    given = [k for k in keys if k in section.model_fields_set and getattr(section, k) != fields[k].get_default(
+        call_default_factory=True)]
     if given:
         raise ValueError(f"{', '.join(prefix + k for k in given)}: no effect {why}; remove it")
 
@@ -114,14 +117,17 @@ class ModelConfig(Section):
             try:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{where}: not UTF-8 text") from None
+                raise ValueError(f"model.chat_template: {where}: not UTF-8 text") from None
         import jinja2
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         try:
             _compile_jinja_template(text)
         except jinja2.TemplateSyntaxError as exc:
-            raise ValueError(f"{where}: line {exc.lineno}: invalid Jinja template: {exc.message}") from None
+            shown = "" if where == "model.chat_template" else f"{where}:"
+            raise ValueError(
+                f"model.chat_template: {shown}line {exc.lineno}: invalid Jinja template: {exc.message}"
+            ) from None
         return v
 
 
