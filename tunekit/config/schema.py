@@ -124,10 +124,8 @@ class ModelConfig(Section):
         try:
             _compile_jinja_template(text)
         except jinja2.TemplateSyntaxError as exc:
-            shown = "" if where == "model.chat_template" else f"{where}:"
-            raise ValueError(
-                f"model.chat_template: {shown}line {exc.lineno}: invalid Jinja template: {exc.message}"
-            ) from None
+            shown = f"line {exc.lineno}" if where == "model.chat_template" else f"{where}:{exc.lineno}"
+            raise ValueError(f"model.chat_template: {shown}: invalid Jinja template: {exc.message}") from None
         return v
 
 
