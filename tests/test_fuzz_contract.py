@@ -45,6 +45,8 @@ def build_world(world: Path, model_dir: Path) -> None:
     (world / "a_file").write_text("not a folder\n")
     (world / "mine").mkdir()
     (world / "mine" / "notes.txt").write_text("my own files\n")
+    (world / "repo" / ".git").mkdir(parents=True)
+    (world / "repo" / "README").write_text("a checkout\n")
     (world / "bad.jinja").write_text("{% for m in messages %}{{ m['content'] }\n")
     # a model folder with a truncated weights file, and one with a corrupt config.json
     shutil.copytree(model_dir, world / "model_trunc")
@@ -121,7 +123,7 @@ CASES: list[tuple[str, object]] = [
     ("sft-output-in-model", lambda w: sft(_yaml(w, "r.yaml", _recipe("", output="model/run")))),
     ("sft-output-contains-data", lambda w: sft("--set", "model.name=model", "--set", "data.train=mine/notes.txt",
                                                "--set", "output=mine", "--overwrite")),
-    ("sft-output-not-tunekit", lambda w: sft(_yaml(w, "r.yaml", _recipe("", output="mine")), "--overwrite")),
+    ("sft-output-git-checkout", lambda w: sft(_yaml(w, "r.yaml", _recipe("", output="repo")), "--overwrite")),
     ("sft-output-under-file", lambda w: sft(_yaml(w, "r.yaml", _recipe("", output="a_file/run")))),
     ("sft-output-not-writable", lambda w: sft(_yaml(w, "r.yaml", _recipe("", output="/proc/tunekit-run")))),
     ("sft-resume-nothing", lambda w: sft(_yaml(w, "r.yaml", _recipe("", output="out/none")), "--resume")),
@@ -177,8 +179,8 @@ CASES: list[tuple[str, object]] = [
     ("merge-out-inside-input", lambda w: ["merge", "--method", "linear", "model", "model_trunc", "-o",
                                           "model/merged"]),
     ("merge-out-exists", lambda w: ["merge", "--method", "linear", "model", "model_trunc", "-o", "mine"]),
-    ("merge-out-not-tunekit", lambda w: ["merge", "--method", "linear", "model", "model_trunc", "-o", "mine",
-                                         "--overwrite"]),
+    ("merge-out-git-checkout", lambda w: ["merge", "--method", "linear", "model", "model_trunc", "-o", "repo",
+                                          "--overwrite"]),
     ("merge-truncated-input", lambda w: ["merge", "--method", "linear", "model", "model_trunc", "-o", "out/m"]),
     ("merge-adapter-bad-json", lambda w: ["merge", "--base", "model", "--adapter", "adapter_bad", "-o", "out/m"]),
     ("merge-shard-size", lambda w: ["merge", "--method", "linear", "model", "model_trunc", "-o",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +53,13 @@ def test_check_refuses_before_creating_anything(tmp_path):
     _refused(guard.check, data, [], False, match="already exists; pass --overwrite")
     _refused(guard.check, data / "x", [], False, match="is a file, not a folder")
     _refused(guard.check, Path("/proc/tunekit/out"), [], False, match="cannot write")
-    _refused(guard.check, mine, [], True, match="no tunekit command wrote")
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    _refused(guard.check, tmp_path / "repo", [], True, match="a git checkout")
+    _refused(guard.check, Path.home(), [], True, match="your home folder")
+    _refused(guard.check, Path.cwd().parent, [], True, match="the current folder or one above it")
+    guard.check(mine, [data], True)  # a user's folder given as output with --overwrite: replaced on commit
     link.unlink()
+    shutil.rmtree(tmp_path / "repo")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     # what is allowed: a hub id as input, a replaced model folder, an empty folder, a new nested path
     assert guard.check(tmp_path / "new" / "out", ["org/model", data], False) == tmp_path / "new" / "out"
@@ -180,8 +186,6 @@ def test_sft_killed_before_its_first_checkpoint_blocks_nothing(tmp_path, tiny_mo
 def test_failed_sft_removes_its_partial_and_parents(tmp_path, tiny_model_dir):
     """A run that fails before its first checkpoint (here: the model's weights are non-finite) leaves no
     `.partial` and no parent folder behind, so the corrected re-run is not blocked."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "bad_model"

@@ -102,22 +102,18 @@ def check(output: str | Path, inputs: Iterable[str | Path | None] = (), overwrit
 
 
 def check_replaceable(path: Path, overwrite: bool) -> None:
-    """An existing output needs `overwrite`; even then a non-empty folder that no tunekit command wrote (a home
-    folder, a source tree) is never replaced."""
+    """An existing output needs `overwrite`; even then a folder that is plainly not an output (the home or the
+    current folder or one above it, a git checkout, the file system root) is never replaced."""
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise TunekitError(f"output '{path}' already exists; pass --overwrite to replace it")
-    if path.is_dir() and not path.is_symlink() and any(path.iterdir()) and not _looks_like_output(path):
-        raise TunekitError(
-            f"output '{path}' is a folder that no tunekit command wrote; refusing to replace it even with "
-            "--overwrite (remove it yourself if you mean it)"
-        )
-
-
-def _looks_like_output(path: Path) -> bool:
-    """A folder a tunekit command could have written (model, adapter, run, quantized model)."""
-    markers = ("config.json", "recipe.yaml", "adapter_config.json", "run_card.json", "lora_xs_config.json",
-               "svft_config.json", "model.safetensors.index.json")
-    return any((path / m).exists() for m in markers) or any(path.glob("*.safetensors"))
+    if path.is_dir() and not path.is_symlink():
+        real = absolute(path)
+        cwd = absolute(Path.cwd())
+        why = ("your home folder" if real == absolute(Path.home()) else
+               "the current folder or one above it" if real == cwd or real in cwd.parents else
+               "a git checkout" if (real / ".git").exists() else None)
+        if why:
+            raise TunekitError(f"output '{path}' is {why}; refusing to replace it even with --overwrite")
 
 
 @dataclass
