@@ -140,6 +140,7 @@ def test_nested_lock_in_one_process_is_shared(tmp_path, lock_dir):
     assert not list(lock_dir.iterdir())
 
 
+@pytest.mark.slow  # several tunekit subprocesses (~20-40 s on an idle 2-core machine)
 def test_two_real_merges_on_one_output(tmp_path, tiny_model_dir, tiny_model_dir_b):
     """A real merge started while another writer holds the output is refused with the holder's pid; the first
     writer's result is what ends up there, complete."""
@@ -161,6 +162,7 @@ def test_two_real_merges_on_one_output(tmp_path, tiny_model_dir, tiny_model_dir_
     assert not staging_path(out).exists()
 
 
+@pytest.mark.slow  # several tunekit subprocesses (~20-40 s on an idle 2-core machine)
 def test_sft_killed_before_its_first_checkpoint_blocks_nothing(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     out = tmp_path / "runs" / "r"

@@ -64,6 +64,7 @@ def test_merge_refuses_a_non_finite_output(tmp_path, tiny_model_dir):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow  # several tunekit subprocesses (~20-40 s on an idle 2-core machine)
 def test_adapter_folding_refuses_a_non_finite_adapter(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     run = tmp_path / "run"

@@ -71,6 +71,7 @@ def _tree(path):
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # several tunekit subprocesses (~20-40 s on an idle 2-core machine)
 def test_resume_cli_refuses_a_change_without_touching_the_run_then_extends(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     out = tmp_path / "run"
