@@ -11,11 +11,11 @@ from tunekit.errors import TunekitError
 
 def test_overrides_parse_yaml_values(tmp_path):
     r = load_recipe(None, ["train.lr=1e-4", "adapter.targets=[q_proj, v_proj]", "data.packing=true",
-                           "adapter.method=none", "data.train=x.jsonl", "train.report_to=tensorboard"])
+                           "adapter.method=dora", "data.train=x.jsonl", "train.report_to=tensorboard"])
     assert r.train.lr == 1e-4
     assert r.adapter.targets == ["q_proj", "v_proj"]
     assert r.data.packing is True
-    assert r.adapter.method == "none"
+    assert r.adapter.method == "dora"
     assert r.train.report_to == ["tensorboard"]
     assert parse_overrides(["a.b=null"]) == [("a.b", None)]
 

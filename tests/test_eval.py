@@ -40,7 +40,8 @@ def test_eval_cli_on_run_and_model(tmp_path, tiny_model_dir):
     run = run_sft(load_recipe(None, [f"model.name={tiny_model_dir}", f"data.train={data}", f"output={tmp_path / 'r'}",
                                      "train.max_steps=2", "train.save_steps=0", "generate.samples=0"])).path
     for target in (run, run / "adapter", tiny_model_dir):
-        res = run_cli("eval", target, "--data", data, "--max-new-tokens", "4", "-o", tmp_path / "out.json")
+        res = run_cli("eval", target, "--data", data, "--max-new-tokens", "4", "-o", tmp_path / "out.json",
+                      "--overwrite")
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout.strip().splitlines()[-1])
         assert summary["n"] == len(QA) and summary["perplexity"] > 1 and 0 <= summary["exact_match"] <= 1

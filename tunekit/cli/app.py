@@ -24,8 +24,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on the terminal (also TUNEKIT_DEBUG=1)."),
 ) -> None:
     """tunekit: fine-tune, align, merge and quantize LLMs."""
+    if debug:
+        import os
+
+        os.environ["TUNEKIT_DEBUG"] = "1"
 
 
 def _register() -> None:

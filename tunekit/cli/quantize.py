@@ -46,6 +46,10 @@ def quantize_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Quantize a model (adapters are merged into their base first)."""
+    from tunekit.cli.common import check_range
+
+    check_range("--samples", samples, 1)
+    check_range("--group-size", group_size, 1)
     from tunekit.quantize.api import card_path, quantize
     from tunekit.quantize.verify import print_table
 

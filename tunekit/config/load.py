@@ -16,7 +16,105 @@ from pydantic import BaseModel, ValidationError
 
 from tunekit.config.schema import Recipe, foreign_section_message, foreign_sections
 from tunekit.config.stages import STAGE_SECTIONS
-from tunekit.errors import TunekitError
+from tunekit.errors import TunekitError, reading
+
+#: Most nodes a YAML document may expand to through its aliases (a recipe has a few hundred): more is an
+#: alias bomb ("billion laughs"), refused before anything walks it.
+MAX_YAML_NODES = 100_000
+
+
+class SafeYamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses recursive aliases, alias bombs and non-finite numbers (`.nan`, `.inf`,
+    `1e999`). Every YAML file tunekit reads from a user (recipes, `--set` values, merge configs, run recipes)
+    goes through `safe_yaml()`."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._open_anchors: set[str] = set()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if isinstance(event, yaml.AliasEvent):
+            if anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"recursive alias *{anchor} (it refers to a node that contains it)", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        if anchor is None or isinstance(event, yaml.ScalarEvent):
+            return super().compose_node(parent, index)
+        self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.discard(anchor)
+
+
+def _finite_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    import math
+
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if not math.isfinite(value):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"'{node.value}' is not a finite number (nan and inf are refused)", node.start_mark
+        )
+    return value
+
+
+SafeYamlLoader.add_constructor("tag:yaml.org,2002:float", _finite_float)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (memoised per node: linear time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # placeholder (recursion is refused while composing)
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+def safe_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document with SafeYamlLoader; (data, root node). Raises yaml.YAMLError."""
+    loader = SafeYamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES:,} nodes (an alias bomb?)", node.start_mark
+            )
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
+
+
+def yaml_error(path: str | Path, exc: yaml.YAMLError) -> TunekitError:
+    """`<path>:<line>: invalid YAML: <problem>`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return TunekitError(f"{where}: invalid YAML: {problem}")
+
+
+def read_yaml_file(path: str | Path, what: str = "file") -> Any:
+    """Read a user's YAML file safely (see SafeYamlLoader); a TunekitError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunekitError(f"{what} '{path}' not found")
+    with reading(path):
+        text = path.read_text(encoding="utf-8")
+    try:
+        return safe_yaml(text)[0]
+    except yaml.YAMLError as exc:
+        raise yaml_error(path, exc) from None
 
 
 def _field_model(annotation: Any) -> type[BaseModel] | None:
@@ -71,15 +169,12 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise TunekitError(f"recipe '{path}' not found")
-    text = path.read_text(encoding="utf-8")
+    with reading(path):
+        text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        data, node = safe_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TunekitError(f"{where}: invalid YAML: {problem}") from None
+        raise yaml_error(path, exc) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -99,7 +194,9 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = safe_yaml(raw)[0] if raw.strip() else None
+        except yaml.constructor.ConstructorError as exc:
+            raise TunekitError(f"--set {key}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw
         out.append((key, value))
@@ -160,7 +257,14 @@ def validate(data: Mapping[str, Any], source: str = "recipe", lines: Mapping[str
             generic = ".".join(p for p in key.split(".") if not p.isdigit())
             raise TunekitError(f"{where}: unknown key '{key}'{suggest(generic, all_keys())}") from None
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], (dict, list)):
+        if err["type"] == "value_error":  # our validators name their key: `adapter.r: no effect ...`
+            msg = str(err.get("ctx", {}).get("error", msg))
+            named = msg.split(":", 1)[0].split(",")[0].strip()
+            if named in all_keys() or named in lines:
+                line = lines.get(named, line)
+                where = f"{source}:{line}" if line else source
+                raise TunekitError(f"{where}: {msg}") from None
+        elif err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         if not key:
             raise TunekitError(f"{where}: {msg}") from None

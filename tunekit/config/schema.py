@@ -6,9 +6,11 @@ Later stages (rm, dpo, grpo, ppo, cai) add their own section next to `train`; th
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tunekit.cai.config import CaiConfig
 from tunekit.config.sections import Section
@@ -20,6 +22,55 @@ DataFormat = Literal[
     "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
 ]
 Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai"]
+
+
+def one_of(key: str, value: str, valid: Iterable[str]) -> str:
+    """`value` if it is in `valid`, else a ValueError with a did-you-mean and the valid names."""
+    valid = list(valid)
+    if value in valid:
+        return value
+    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"{key}: unknown name '{value}'{hint}; valid: {', '.join(valid)}")
+
+
+def scheduler_names() -> list[str]:
+    """transformers' own scheduler names (`SchedulerType`)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def optimizer_names() -> list[str]:
+    """transformers' own optimizer names (`OptimizerNames`)."""
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames]
+
+
+# The package each transformers reporting integration needs (importable module name).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",),
+                    "dvclive": ("dvclive",), "neptune": ("neptune",), "codecarbon": ("codecarbon",),
+                    "swanlab": ("swanlab",), "azure_ml": ("azureml",), "dagshub": ("dagshub",),
+                    "flyte": ("flytekit",), "kubeflow": ("kubeflow",)}
+
+
+def tracker_names() -> list[str]:
+    """transformers' own reporting integrations (`INTEGRATION_TO_CALLBACK`)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return list(INTEGRATION_TO_CALLBACK)
+
+
+def no_effect(section: BaseModel, keys: Iterable[str], why: str, prefix: str) -> None:
+    """Refuse keys the user set to a non-default value that does nothing in the chosen mode (`why` says which).
+    Defaults pass, so a resolved recipe (every key written out, e.g. a run's recipe.yaml) loads again."""
+    fields = type(section).model_fields
+    given = [k for k in keys if k in section.model_fields_set and getattr(section, k) != fields[k].get_default(
+        call_default_factory=True)]
+    if given:
+        raise ValueError(f"{', '.join(prefix + k for k in given)}: no effect {why}; remove it")
 
 
 class ModelConfig(Section):
@@ -46,7 +97,37 @@ class ModelConfig(Section):
     def _one_quantization(self) -> ModelConfig:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("model.load_in_4bit and model.load_in_8bit are mutually exclusive")
+        if not self.load_in_4bit:
+            no_effect(self, ("bnb_4bit_quant_type", "bnb_4bit_double_quant"), "without model.load_in_4bit", "model.")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_compiles(cls, v: str | None) -> str | None:
+        """A template string (or .jinja file) must compile with transformers' own Jinja environment."""
+        if v is None or not ("{%" in v or "{{" in v or v.endswith(".jinja")):
+            return v
+        from pathlib import Path
+
+        text, where = v, "model.chat_template"
+        if v.endswith(".jinja"):
+            path = Path(v).expanduser()
+            if not path.is_file():
+                return v  # reported with its name when the template is applied
+            where = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"model.chat_template: {where}: not UTF-8 text") from None
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:
+            _compile_jinja_template(text)
+        except jinja2.TemplateSyntaxError as exc:
+            shown = f"line {exc.lineno}" if where == "model.chat_template" else f"{where}:{exc.lineno}"
+            raise ValueError(f"model.chat_template: {shown}: invalid Jinja template: {exc.message}") from None
+        return v
 
 
 class DataSource(Section):
@@ -129,6 +210,25 @@ class AdapterConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> AdapterConfig:
+        m, why = self.method, f"with adapter.method {self.method}"
+        if m == "none":
+            no_effect(self, ("r", "alpha", "dropout", "targets", "rslora", "svd_niter", "lora_xs_init_std", "svft"),
+                      why + " (full fine-tuning)", "adapter.")
+            return self
+        if m not in ("pissa", "lora_xs"):
+            no_effect(self, ("svd_niter",), why, "adapter.")
+        if m != "lora_xs":
+            no_effect(self, ("lora_xs_init_std",), why, "adapter.")
+        if m != "svft":
+            no_effect(self, ("svft",), why, "adapter.")
+        else:
+            no_effect(self, ("r", "alpha", "rslora"), why + " (see adapter.svft)", "adapter.")
+        if self.targets == [] or self.targets == "":
+            raise ValueError("adapter.targets: empty; use `all-linear` or module names")
+        return self
+
 
 class TrainConfig(Section):
     max_steps: int = Field(-1, description="Optimizer steps; -1 = use epochs.")
@@ -157,6 +257,38 @@ class TrainConfig(Section):
         if isinstance(v, str):
             return [] if v in ("", "none") else [v]
         return v
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        return one_of("train.lr_scheduler", v, scheduler_names())
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        return one_of("train.optim", v, optimizer_names())
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        names = tracker_names()
+        for name in v:
+            one_of("train.report_to", name, names)
+            packages = TRACKER_PACKAGES.get(name, ())
+            if packages and not any(importlib.util.find_spec(p) for p in packages):
+                raise ValueError(
+                    f"train.report_to: '{name}' needs the {packages[0]} package (pip install {packages[0]})"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _no_dead_options(self) -> TrainConfig:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"train.max_steps: must be a positive number of steps, or -1 to use epochs "
+                             f"(got {self.max_steps})")
+        return self
 
 
 class GenerateConfig(Section):

@@ -6,4 +6,5 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key refuses nan and ±inf (also when spelled as a string via --set).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

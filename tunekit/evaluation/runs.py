@@ -16,21 +16,23 @@ from tunekit.errors import TunekitError
 
 def run_stage_of(target: str) -> tuple[str | None, dict[str, Any]]:
     """(stage, recipe mapping) of a run directory (or of the run an adapter folder sits in)."""
-    import yaml
+    from tunekit.config.load import read_yaml_file
 
     p = Path(target)
     for run in (p, p.parent):
         recipe = run / "recipe.yaml"
         if recipe.is_file():
-            data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+            data = read_yaml_file(recipe, "run recipe") or {}
             return (data.get("stage", "sft") if isinstance(data, dict) else None), data
     return None, {}
 
 
 def _records(data: str, limit: int | None):
     from tunekit.data.sources import read_source
+    from tunekit.errors import reading
 
-    records = read_source(data)
+    with reading(data):
+        records = read_source(data)
     records = records[:limit] if limit else records
     if not records:
         raise TunekitError(f"{data}: no records to evaluate")
@@ -47,8 +49,10 @@ def evaluate_target(
     batch_size: int = 8,
     generate: bool = True,
     rewards: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """One result mapping for `tunekit eval`; the `answers` key (if any) holds per-record details."""
+    """One result mapping for `tunekit eval`; the `answers` key (if any) holds per-record details. Model code
+    runs only with `trust_remote_code` (the user's command line), never because a run's recipe asks."""
     stage, recipe = run_stage_of(target)
     records = _records(data, limit)
     if stage == "rm":
@@ -67,7 +71,7 @@ def evaluate_target(
             from tunekit.evaluation.preference import logprob_accuracy
             from tunekit.models.trained import load_any
 
-            model, tok = load_any(target, base)
+            model, tok = load_any(target, base, trust_remote_code)
             pairs = [to_preference(r.data, "auto", r.where) for r in records]
             return logprob_accuracy(model, tok, pairs, max_length)
         return _dpo_eval(target, base, records, recipe, max_length)
@@ -76,7 +80,7 @@ def evaluate_target(
     from tunekit.models.trained import load_any
 
     conversations = [to_messages(r.data, "auto", r.where) for r in records]
-    model, tok = load_any(target, base)
+    model, tok = load_any(target, base, trust_remote_code)
     return evaluate(model, tok, conversations, max_length, max_new_tokens, batch_size, generate)
 
 

@@ -134,7 +134,7 @@ def merge_adapter(
     )
     from tunekit.run.atomic import atomic_output, check_output
 
-    output = check_output(output, overwrite)
+    output = check_output(output, overwrite, inputs=[base, adapter])
     max_shard = parse_size(shard_size)
     out_dtype = normalize_dtype(dtype, "--dtype")
     res = resolve_adapter(adapter)
@@ -220,7 +220,7 @@ def sum_adapters(
 
     from tunekit.run.atomic import atomic_output, check_output
 
-    output = check_output(output, overwrite)
+    output = check_output(output, overwrite, inputs=adapters)
     if len(adapters) < 2:
         raise TunekitError("adapter_sum needs at least two adapters")
     if len(weights) != len(adapters):

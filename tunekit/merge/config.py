@@ -256,15 +256,11 @@ def validate_config(raw: Any, source: str = "config") -> MergeConfig:
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a mergekit-style YAML file."""
-    import yaml
+    from tunekit.config.load import read_yaml_file  # refuses alias bombs, recursive aliases, nan/inf
 
-    path = Path(path)
-    if not path.is_file():
-        raise TunekitError(f"config '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        raise TunekitError(f"{path}: invalid YAML{where}") from None
+    raw = read_yaml_file(path, "config")
+    if isinstance(raw, dict) and "trust_remote_code" in raw:
+        from tunekit.run.locate import untrusted
+
+        raw = untrusted(raw, Path(path))
     return validate_config(raw, source=str(path))

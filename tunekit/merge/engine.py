@@ -9,6 +9,7 @@ checked.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -221,10 +222,15 @@ def _check_values(
             raise TunekitError(f"{where}: parameter '{key}' must be a number, got {params[key]!r}")
     if "t" in params and not 0 <= params["t"] <= 1:
         raise TunekitError(f"{where}: t={params['t']} is outside [0, 1]")
+    for key in ("t", "lambda"):
+        if key in params and not math.isfinite(params[key]):
+            raise TunekitError(f"{where}: parameter '{key}' must be a finite number, got {params[key]!r}")
     for tp in tparams:
         for key, value in tp.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TunekitError(f"{where}: parameter '{key}' must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise TunekitError(f"{where}: parameter '{key}' must be a finite number, got {value!r}")
             if key == "density" and not 0 <= value <= 1:
                 raise TunekitError(f"{where}: density={value} is outside [0, 1]")
 
@@ -314,7 +320,7 @@ def merge_models(
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     max_shard = parse_size(shard_size)
-    output = check_output(output, overwrite)
+    output = check_output(output, overwrite, inputs=[*cfg.model_names(), cfg.source])
     if cfg.merge_method == ADAPTER_SUM:
         from tunekit.merge.adapters import sum_adapters
 

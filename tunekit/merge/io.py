@@ -118,6 +118,17 @@ def _read_header(file: Path) -> dict[str, Any]:
         raise TunekitError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
+def check_finite(tensor: Any, what: str) -> None:
+    """Merging never reads or writes nan/inf: a non-finite float tensor stops it (NumericalError)."""
+    import torch
+
+    from tunekit.errors import NumericalError
+
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericalError(f"{what} has {bad} non-finite values (nan/inf); nothing was written")
+
+
 class SafetensorsFolder:
     """A model folder of safetensors weights (`model.safetensors`, or shards with
     `model.safetensors.index.json`).
@@ -175,12 +186,15 @@ class SafetensorsFolder:
         """Tensor `name` (or rows [r0, r1) of its first dimension), optionally cast (e.g. torch.float32)."""
         from safetensors import safe_open
 
+        from tunekit.errors import reading
+
         info = self.info(name)
-        with safe_open(str(info.file), framework="pt") as fh:
+        with reading(info.file), safe_open(str(info.file), framework="pt") as fh:
             if rows is None or len(info.shape) == 0:
                 t = fh.get_tensor(name)
             else:
                 t = fh.get_slice(name)[rows[0] : rows[1]]
+        check_finite(t, f"model '{self.label}': input tensor '{name}'")
         return t if dtype is None else t.to(dtype)
 
 
@@ -260,6 +274,7 @@ class ShardedWriter:
             raise RuntimeError(f"writer: expected tensor {it.name}, got {name}")
         if str(chunk.dtype).removeprefix("torch.") != it.dtype:
             raise RuntimeError(f"writer: {name} has dtype {chunk.dtype}, planned {it.dtype}")
+        check_finite(chunk, f"output tensor '{name}'")
         if si != self._shard_open:
             self._open_shard(si)
         data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()

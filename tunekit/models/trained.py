@@ -10,19 +10,25 @@ from tunekit.errors import TunekitError
 from tunekit.run.locate import locate
 
 
-def load_any(target: str, base: str | None = None) -> tuple[Any, Any]:
+def load_any(target: str, base: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) for a run dir, an adapter folder (base from its run or config, or `base`), a model
-    folder, a hub id or an alias."""
+    folder, a hub id or an alias. Model code runs only with `trust_remote_code` from the caller (the user's
+    command line): the run's recipe or the adapter's config never turn it on (see locate.untrusted)."""
+    from tunekit.errors import reading
+
+    trust = {"trust_remote_code": trust_remote_code}
     loc = locate(target)
     if loc is None:  # hub id or alias
-        return _load_plain(ModelConfig(name=target))
+        return _load_plain(ModelConfig(name=target, **trust))
     if loc.model_dir is not None:
         cfg = loc.base or ModelConfig(name=str(loc.model_dir))
-        return _load_plain(cfg.model_copy(update={"name": str(loc.model_dir)}))
+        with reading(loc.model_dir):
+            return _load_plain(cfg.model_copy(update={"name": str(loc.model_dir), **trust}))
     cfg = ModelConfig(name=base) if base else loc.base
     if cfg is None:
         raise TunekitError(f"adapter '{loc.adapter_dir}' does not name its base model; pass --base")
-    return _load_adapter(cfg, loc.adapter_dir)
+    with reading(loc.adapter_dir):
+        return _load_adapter(cfg.model_copy(update=trust), loc.adapter_dir)
 
 
 def _load_plain(cfg: ModelConfig):

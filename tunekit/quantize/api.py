@@ -180,7 +180,7 @@ def quantize(
     qtype = normalize_type(fmt, qtype)
     if samples < 1:
         raise TunekitError("--samples must be at least 1")
-    output = check_output(output, overwrite)
+    output = check_output(output, overwrite, inputs=[source, calibration, eval_text])
     report: dict[str, Any] = {"format": fmt, "type": qtype, "source": str(source), "output": str(output)}
 
     with tempfile.TemporaryDirectory(

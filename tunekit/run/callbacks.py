@@ -95,3 +95,57 @@ class ProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _non_finite(tensors: Any) -> bool:
+    import torch
+
+    return any(not bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class FiniteGuardCallback(TrainerCallback):
+    """Stop at the first non-finite loss or gradient, before the optimizer applies it, and at the first
+    non-finite trainable weight, before a checkpoint of it is saved: the last checkpoint stays the last good one.
+
+    A NaN/inf loss makes every gradient NaN/inf, so checking the gradients (after clipping, before
+    `optimizer.step()`) catches both; the Trainer itself only hides a NaN loss from its logs
+    (`logging_nan_inf_filter`) and keeps training.
+    """
+
+    def __init__(self, run_path: Path | None = None):
+        self.run_path = run_path
+
+    def _stop(self, state, what: str) -> None:
+        from tunekit.errors import NumericalError
+
+        last = None
+        if self.run_path is not None and (self.run_path / "checkpoints").is_dir():
+            found = sorted((self.run_path / "checkpoints").glob("checkpoint-*"),
+                           key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name.rsplit("-", 1)[1].isdigit() else -1)
+            last = found[-1] if found else None
+        kept = (f"the last good checkpoint is {last}; lower train.lr and continue with --resume" if last else
+                "no checkpoint was saved before it; lower train.lr (or check the data and the model's weights)")
+        raise NumericalError(f"training stopped at step {state.global_step + 1}: {what}; {kept}")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and _non_finite(grads):
+            self._stop(state, "non-finite loss or gradient (nan/inf)")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        weights = [p.detach() for p in model.parameters() if p.requires_grad]
+        if weights and _non_finite(weights):
+            state.global_step -= 1  # name the step that produced them
+            self._stop(state, "the update made trainable weights non-finite (nan/inf)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._stop(state, f"non-finite {key} ({value})")

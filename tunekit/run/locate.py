@@ -11,6 +11,7 @@ so the layout rules live in one place:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,20 +33,39 @@ class Located:
     base: ModelConfig | None = None  # the base model section the adapter/run was trained with
 
 
+def untrusted(section: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Trust never travels with artifacts: drop `trust_remote_code: true` read from a file being loaded (a run's
+    recipe, an adapter or merge config), with a warning. Only the user's command line or own recipe enables it."""
+    if section.get("trust_remote_code"):
+        print(f"warning: {source}: ignoring trust_remote_code: true (model code runs only when you ask for it "
+              "yourself, e.g. --trust-remote-code)", file=sys.stderr)
+    return {k: v for k, v in section.items() if k != "trust_remote_code"}
+
+
 def run_model_section(run: Path) -> ModelConfig:
-    """The `model` section a run was trained with (from its recipe.yaml)."""
-    import yaml
+    """The `model` section a run was trained with (from its recipe.yaml), without its trust_remote_code."""
+    from tunekit.config.load import read_yaml_file
 
     recipe = run / "recipe.yaml"
-    try:
-        data = yaml.safe_load(recipe.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise TunekitError(f"{recipe}: cannot read ({exc})") from None
+    data = read_yaml_file(recipe, "run recipe") or {}
     section: Any = data.get("model", {}) if isinstance(data, dict) else {}
+    if not isinstance(section, dict):
+        raise TunekitError(f"{recipe}: the model section must be a mapping")
     try:
-        return ModelConfig.model_validate(section or {})
+        return ModelConfig.model_validate(untrusted(section, recipe))
     except ValueError as exc:
         raise TunekitError(f"{recipe}: invalid model section ({str(exc).splitlines()[0]})") from None
+
+
+def read_json_config(path: Path) -> dict[str, Any]:
+    """A JSON config file of a folder being loaded, as a mapping; corrupt → TunekitError naming the file."""
+    from tunekit.errors import reading
+
+    with reading(path):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise TunekitError(f"{path}: expected a JSON object")
+    return data
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -68,7 +88,8 @@ def locate(path: str | Path) -> Located | None:
         run = p.parent if (p.parent / "recipe.yaml").is_file() else None
         base = run_model_section(run) if run is not None else None
         if base is None and (p / "adapter_config.json").is_file():
-            name = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            config = untrusted(read_json_config(p / "adapter_config.json"), p / "adapter_config.json")
+            name = config.get("base_model_name_or_path")
             base = ModelConfig(name=name) if name else None
         return Located("adapter", p, adapter_dir=p, run_dir=run, base=base)
     if (p / "config.json").is_file():

@@ -2,19 +2,27 @@
 
 Layout: recipe.yaml (resolved), run_card.json, metrics.jsonl, loss.png, checkpoints/, adapter/ or model/,
 samples.jsonl. An interrupted run stays at `.partial` and `--resume` continues it from its last checkpoint.
+The output guard (guard.py) checks and locks the output in `prepare()`, before any work; a run that fails
+before its first checkpoint removes its `.partial` (and the parent folders it made), so it blocks nothing.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tunekit.errors import TunekitError
+from tunekit.errors import TunekitError, set_log_dir
 from tunekit.launch import ranks
-from tunekit.run.atomic import commit, partial_path
+from tunekit.run import guard
+from tunekit.run.atomic import commit, partial_path, remove
+
+# Keys that may differ between an interrupted run's recipe and the one resuming it: they do not change what the
+# checkpoints mean. Longer training (max_steps, epochs) is allowed, the rest only affects what happens after it.
+RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.logging_steps", "train.report_to",
+                  "train.save_total_limit", "generate.", "output")
 
 
 def default_output(stage: str) -> Path:
@@ -22,18 +30,25 @@ def default_output(stage: str) -> Path:
 
 
 class RunDir:
-    def __init__(self, final: Path, work: Path, resuming: bool):
+    def __init__(self, final: Path, work: Path, resuming: bool, lock: guard.OutputLock | None = None):
         self.final = final
         self.path = work
         self.resuming = resuming
+        self.lock = lock
+        self._made: list[Path] = []  # parent folders create() made, removed again if the run fails early
 
     @classmethod
-    def prepare(cls, output: str | Path, overwrite: bool = False, resume: bool = False) -> RunDir:
-        """Check the output before any work; nothing is created until `create()` (after data and model load)."""
+    def prepare(
+        cls, output: str | Path, overwrite: bool = False, resume: bool = False, inputs: list[Any] | tuple = ()
+    ) -> RunDir:
+        """Check and lock the output before any work; nothing is created until `create()` (after data and model
+        load)."""
         final = Path(output)
         work = partial_path(final)
         if not ranks.is_main():  # rank 0 checks and writes; the others follow it
             return cls(final, work, resume)
+        guard.check_overlap(final, inputs)
+        guard.check_overlap(work, inputs)
         if resume:
             if not work.is_dir():
                 if final.is_dir():
@@ -41,21 +56,33 @@ class RunDir:
                 raise TunekitError(f"no interrupted run at '{work}' to resume")
             if final.exists() and not overwrite:
                 raise TunekitError(f"output '{final}' already exists; pass --overwrite to replace it on completion")
-            return cls(final, work, True)
-        if final.exists() and not overwrite:
-            raise TunekitError(f"output '{final}' already exists; pass --overwrite to replace it")
-        if work.exists() and not overwrite:
-            raise TunekitError(
-                f"an interrupted run exists at '{work}'; pass --resume to continue it or --overwrite to restart"
-            )
-        return cls(final, work, False)
+        guard.check_replaceable(final, overwrite or resume)
+        guard.check_writable(final)
+        lock = guard.lock(final)
+        run = cls(final, work, resume, lock)
+        try:
+            if not resume and work.exists() and not overwrite and run.latest_checkpoint() is not None:
+                raise TunekitError(
+                    f"an interrupted run exists at '{work}'; pass --resume to continue it or --overwrite to restart"
+                )
+        except BaseException:
+            lock.release()
+            raise
+        return run
 
     def create(self) -> None:
-        """Make the `.partial` folder (a fresh one unless resuming; --overwrite discards an interrupted one)."""
-        if not self.resuming and ranks.is_main():
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True)
+        """Make the `.partial` folder (a fresh one unless resuming). A `.partial` without a checkpoint is what a
+        dead run left (we hold the lock): it is discarded; --overwrite discards an interrupted one too. Rank 0
+        makes it; the other ranks wait for it."""
+        if self.resuming:
+            set_log_dir(self.path)
+        elif ranks.is_main():
+            if self.path.exists() or self.path.is_symlink():
+                print(f"note: discarding the unfinished run at '{self.path}'", file=sys.stderr)
+                remove(self.path)
+            self._made = guard.make_parents(self.path)
+            self.path.mkdir()
+            set_log_dir(self.path)
         ranks.barrier()
 
     @property
@@ -65,7 +92,8 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         if not self.checkpoints.is_dir():
             return None
-        found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        found = [p for p in self.checkpoints.glob("checkpoint-*")
+                 if (p / "trainer_state.json").is_file() and p.name.rsplit("-", 1)[1].isdigit()]
         return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1])) if found else None
 
     def write_json(self, name: str, data: Any) -> Path:
@@ -80,9 +108,32 @@ class RunDir:
             path.write_text(text, encoding="utf-8")
         return path
 
+    def fail(self) -> None:
+        """After a failure: keep a `.partial` that has a checkpoint (resumable, the user is told), remove one that
+        has none (and the parents create() made), and release the lock. Rank 0 only."""
+        if not ranks.is_main():
+            return
+        try:
+            if self.path.is_dir() and self.latest_checkpoint() is None and not self.resuming:
+                remove(self.path)
+                guard.remove_empty(self._made)
+            elif self.path.is_dir():
+                print(f"note: the unfinished run is kept at '{self.path}'; continue it with --resume",
+                      file=sys.stderr)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def finish(self) -> Path:
         """Rename `.partial` to the final name (replacing an old run only now, with --overwrite); rank 0 only."""
         ranks.barrier()
         if not ranks.is_main():
             return self.final
-        return commit(self.path, self.final)
+        try:
+            return commit(self.path, self.final)
+        finally:
+            self.release()

@@ -13,9 +13,9 @@ from tunekit.config.load import dump_recipe
 from tunekit.config.schema import Recipe
 from tunekit.console import console
 from tunekit.models.load import build_meta_model, device_type, load_model, load_tokenizer, resolve_dtype
-from tunekit.run.callbacks import MetricsCallback, ProgressCallback
+from tunekit.run.callbacks import FiniteGuardCallback, MetricsCallback, ProgressCallback
 from tunekit.run.plot import plot_loss
-from tunekit.run.rundir import RunDir, default_output
+from tunekit.run.rundir import RunDir, check_resume, default_output
 
 
 @dataclass
@@ -30,6 +30,32 @@ class StageResult:
 
 def output_of(recipe: Recipe) -> Path:
     return Path(recipe.output) if recipe.output else default_output(recipe.stage)
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """The local files a recipe reads (model folder, data, chat template): an output may not overlap them."""
+    found: list[str] = [recipe.model.name]
+    if recipe.model.chat_template and recipe.model.chat_template.endswith(".jinja"):
+        found.append(recipe.model.chat_template)
+    for split in (recipe.data.train, recipe.data.eval):
+        if isinstance(split, str):
+            found.append(split)
+        elif split:
+            found.extend(s.path for s in split)
+    return found
+
+
+def prepare_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunDir:
+    """The output guard for a training stage, before any work: checked, locked, and with --resume the recipe
+    compared with the interrupted run's (nothing of it is touched when they differ)."""
+    run = RunDir.prepare(output_of(recipe), overwrite=overwrite, resume=resume, inputs=recipe_inputs(recipe))
+    if resume:
+        try:
+            check_resume(recipe, run)
+        except BaseException:
+            run.release()
+            raise
+    return run
 
 
 def dry_run(recipe: Recipe) -> int:
@@ -118,7 +144,11 @@ def training_arguments(recipe: Recipe, run: RunDir, config_class: Any = None, **
 
 
 def standard_callbacks(run: RunDir, collator: Any) -> list:
-    return [ProgressCallback(collator), MetricsCallback(run.path / "metrics.jsonl", collator)]
+    return [
+        FiniteGuardCallback(run.path),
+        ProgressCallback(collator),
+        MetricsCallback(run.path / "metrics.jsonl", collator),
+    ]
 
 
 def save_outputs(recipe: Recipe, run: RunDir, model: Any, tok: Any) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tunekit.config.schema import Recipe
 from tunekit.console import console
+from tunekit.launch import ranks
 from tunekit.run.card import run_card
 from tunekit.run.rundir import RunDir
 from tunekit.stages import common
@@ -99,14 +100,19 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
     from transformers import PrinterCallback, set_seed
 
     # 1. Output: fail before any work if it exists (or an interrupted run is in the way).
-    run = RunDir.prepare(common.output_of(recipe), overwrite=overwrite, resume=resume)
+    #    The output guard checks and locks it; with --resume the recipe must match the interrupted run's.
+    run = common.prepare_run(recipe, overwrite=overwrite, resume=resume)
     set_seed(recipe.train.seed)
-    # 2. Data first: a bad record fails in seconds, before the model loads. Nothing is written until 3 is done.
-    tok = stage.load_tokenizer(recipe)
-    data = stage.load_data(recipe, tok)
-    console.print(data.summary)
-    # 3. Model and adapter.
-    tok, model = stage.load_model(recipe, tok)
+    try:
+        # 2. Data first: a bad record fails in seconds, before the model loads. Nothing is written until 3 is done.
+        tok = stage.load_tokenizer(recipe)
+        data = stage.load_data(recipe, tok)
+        console.print(data.summary)
+        # 3. Model and adapter.
+        tok, model = stage.load_model(recipe, tok)
+    except BaseException:
+        run.release()
+        raise
     run.create()
     ctx = Context(recipe, run, tok, model, data, resume)
     try:
@@ -129,8 +135,6 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         target = stage.save(ctx, trainer)
         metrics = dict(result.metrics)
         # 6. Held-out metrics and sample generations: a failure here keeps the trained adapter.
-        from tunekit.launch import ranks
-
         steps = [("evaluation", stage.evaluate), ("sample generation", stage.write_samples)]
         if not ranks.is_main() or ranks.zero3_partitioned(model):  # rank 0 writes; ZeRO-3 generation needs all
             steps = steps[:1]
@@ -160,6 +164,10 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         run.write_json("run_card.json", ctx.card)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (work kept at {run.path})[/yellow]")
+        run.release()
+        raise
+    except BaseException:
+        run.fail()  # keeps a resumable .partial (with a checkpoint), removes one that has none
         raise
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
