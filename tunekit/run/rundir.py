@@ -137,3 +137,58 @@ class RunDir:
             return commit(self.path, self.final)
         finally:
             self.release()
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, dotted + "."))
+        elif a != b:
+            out.append(dotted)
+    return out
+
+
+def check_resume(recipe: Any, run: RunDir) -> None:
+    """Refuse `--resume` with a recipe that would not continue the same run, naming the changed keys; called
+    before any file of the run is touched. Extending `train.max_steps` or `train.epochs` is allowed."""
+    from tunekit.config.load import read_yaml
+
+    stored = run.path / "recipe.yaml"
+    if not stored.is_file():
+        raise TunekitError(f"{stored}: missing; the interrupted run cannot be checked, so it is not resumed")
+    old, _ = read_yaml(stored)
+    new = recipe.model_dump(mode="json")
+    old = type(recipe).model_validate(old).model_dump(mode="json") if _validates(recipe, old) else old
+    changed = [k for k in changed_keys(old, new) if not any(k == a or (a.endswith(".") and k.startswith(a))
+                                                             for a in RESUMABLE_KEYS)]
+    if changed:
+        shown = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in changed[:6])
+        raise TunekitError(
+            f"{stored}: --resume with a changed recipe: {shown}; only train.max_steps/train.epochs may grow. "
+            "Restore these keys, or start a new run (--overwrite)"
+        )
+    for key in ("max_steps", "epochs"):
+        a, b = old.get("train", {}).get(key), new["train"][key]
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b < a and not (key == "max_steps" and a < 0):
+            raise TunekitError(f"{stored}: --resume may extend train.{key}, not shrink it ({a} -> {b})")
+
+
+def _validates(recipe: Any, data: dict[str, Any]) -> bool:
+    try:
+        type(recipe).model_validate(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
