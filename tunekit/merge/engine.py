@@ -76,12 +76,12 @@ def check_not_quantized(folder: Path, label: str) -> None:
 
 
 def layer_fraction(name: str, num_layers: int) -> float:
-    """mergekit's gradient position: layer i of L -> i/(L-1); input embeddings 0; other non-layer tensors
-    1."""
+    """mergekit 0.1.5's gradient position: layer i of L -> i/(L-1) (1 for a single layer); every non-layer
+    tensor (embeddings, final norm, lm_head) 0, as its planner (checked against mergekit's output in tests)."""
     m = _LAYER_RE.search(name)
     if m:
         return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
-    return 0.0 if _INPUT_EMBED_RE.search(name) else 1.0
+    return 0.0
 
 
 def count_layers(config: dict[str, Any], names: list[str]) -> int:
