@@ -56,10 +56,7 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
         if value.get("filter") is not None and not isinstance(value["filter"], str):
             raise TunekitError(f"{where}: parameter '{key}': filter must be a string")
         inner = value["value"]
-        if not (
-            isinstance(inner, scalar)
-            or (isinstance(inner, list) and all(isinstance(e, scalar) for e in inner))
-        ):
+        if not (isinstance(inner, scalar) or (isinstance(inner, list) and all(isinstance(e, scalar) for e in inner))):
             raise TunekitError(f"{where}: parameter '{key}': 'value' must be a number or a list of numbers")
         if isinstance(inner, list) and not inner:
             raise TunekitError(f"{where}: parameter '{key}': empty gradient list")
@@ -225,9 +222,7 @@ class MergeConfig(_Strict):
                     return value
         if default is REQUIRED:
             who = f" for model '{model}'" if model else ""
-            raise TunekitError(
-                f"{self.source}: missing required parameter '{key}'{who} (tensor {tensor_name})"
-            )
+            raise TunekitError(f"{self.source}: missing required parameter '{key}'{who} (tensor {tensor_name})")
         return default
 
     def to_mergekit_dict(self) -> dict[str, Any]:
@@ -296,7 +291,7 @@ def _check_params(
     for key, value in (settings or {}).items():
         if key not in allowed:
             raise TunekitError(
-                f"{where}: parameter '{key}' is not {what} of '{cfg.merge_method}' "
+                f"{where}: parameter '{key}' is not {what} '{cfg.merge_method}' "
                 f"(it takes: {', '.join(allowed) or 'none'})"
             )
         _check_setting(key, value, cfg.source)
@@ -397,13 +392,20 @@ def validate_config(raw: Any, source: str = "config") -> MergeConfig:
         allowed_tensor = spec.tensor_params
     _check_params(cfg, cfg.parameters, {**allowed_global, **allowed_tensor}, source, "used by merge_method")
     for i, m in enumerate(cfg.models or []):
-        _check_params(cfg, m.parameters, allowed_tensor, f"{source}: models[{i}] ({m.model})", "a per-model parameter")
+        _check_params(
+            cfg, m.parameters, allowed_tensor, f"{source}: models[{i}] ({m.model})", "a per-model parameter of"
+        )
     for i, sl in enumerate(cfg.slices or []):
-        _check_params(cfg, sl.parameters, {**allowed_global, **allowed_tensor}, f"{source}: slices[{i}]", "used by")
+        _check_params(
+            cfg, sl.parameters, {**allowed_global, **allowed_tensor}, f"{source}: slices[{i}]", "used by merge_method"
+        )
         for j, src in enumerate(sl.sources):
             _check_params(
-                cfg, src.parameters, allowed_tensor, f"{source}: slices[{i}].sources[{j}] ({src.model})",
-                "a per-model parameter",
+                cfg,
+                src.parameters,
+                allowed_tensor,
+                f"{source}: slices[{i}].sources[{j}] ({src.model})",
+                "a per-model parameter of",
             )
 
     if method == ADAPTER_SUM:
@@ -414,9 +416,7 @@ def validate_config(raw: Any, source: str = "config") -> MergeConfig:
         base = sl.base_model or cfg.base_model
         models = [src.model for src in sl.sources]
         if spec.needs_base and base is None:
-            raise TunekitError(
-                f"{where}merge_method '{method}' needs base_model (task vectors are relative to it)"
-            )
+            raise TunekitError(f"{where}merge_method '{method}' needs base_model (task vectors are relative to it)")
         if method == "slerp" and base is None:
             raise TunekitError(f"{where}slerp needs base_model (the t=0 endpoint)")
         if spec.base_is_special and base is not None and base not in models:
