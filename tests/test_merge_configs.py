@@ -300,3 +300,18 @@ def test_della_is_seeded_and_keeps_the_density(tmp_path, tiny_model_dir, tiny_mo
         merge_models(validate_config({**raw, "models": [{"model": str(tiny_model_dir_b), "parameters": {
             "weight": 1.0, "density": 0.1, "epsilon": 0.15}}]}), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_short_forms_of_new_methods(tmp_path, tiny_model_dir, tiny_model_dir_b):
+    from tunekit.merge.engine import short_config
+
+    cfg = short_config("della", [str(tiny_model_dir_b)], base=str(tiny_model_dir), density=0.5)
+    assert cfg.models[0].parameters == {"weight": 1.0, "density": 0.5}
+    cfg = short_config("model_stock", [str(tiny_model_dir_b), str(tiny_model_dir_b) + "/."], base=str(tiny_model_dir))
+    assert cfg.base_model == str(tiny_model_dir) and all(m.parameters is None for m in cfg.models)
+    cfg = short_config("nuslerp", [str(tiny_model_dir), str(tiny_model_dir_b)], weights=[1.0, 3.0])
+    assert cfg.base_model is None and [m.parameters["weight"] for m in cfg.models] == [1.0, 3.0]
+    with pytest.raises(TunekitError, match="--weights is not used by 'karcher'"):
+        short_config("karcher", [str(tiny_model_dir), str(tiny_model_dir_b)], weights=[1.0, 1.0])
+    with pytest.raises(TunekitError, match="--density is not used by 'sce'"):
+        short_config("sce", [str(tiny_model_dir_b)], base=str(tiny_model_dir), density=0.5)

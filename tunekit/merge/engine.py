@@ -532,17 +532,23 @@ def short_config(
     else:
         if t is not None:
             raise TunekitError(f"--t is only used by slerp, not '{method}'")
+        takes = METHODS[method].tensor_params if method in METHODS else {"weight": REQUIRED}
+        if weights is not None and "weight" not in takes:
+            raise TunekitError(f"--weights is not used by '{method}'")
         for i in range(len(models)):
-            model_params[i]["weight"] = weights[i] if weights is not None else 1.0
+            if "weight" in takes:
+                model_params[i]["weight"] = weights[i] if weights is not None else 1.0
             if density is not None:
                 model_params[i]["density"] = density
         if method in METHODS and METHODS[method].needs_base:
             if not base:
                 raise TunekitError(f"--method {method} needs --base (task vectors are relative to it)")
             raw["base_model"] = base
+        elif base and method in METHODS and METHODS[method].base_is_special:
+            raw["base_model"] = base
         elif base:
             raise TunekitError(f"--base is not used by '{method}'")
-    if density is not None and method not in ("ties", "dare_ties", "dare_linear"):
+    if density is not None and (method not in METHODS or "density" not in METHODS[method].tensor_params):
         raise TunekitError(f"--density is not used by '{method}'")
     raw["models"] = [
         {"model": m, **({"parameters": p} if p else {})} for m, p in zip(models, model_params, strict=True)
