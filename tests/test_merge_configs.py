@@ -160,6 +160,7 @@ def _fake_hub_cache(root, repo, src):
     shutil.copytree(src, folder / "snapshots" / commit)
 
 
+@pytest.mark.slow
 def test_hub_ids_from_cache_and_clean_offline_error(tmp_path, tiny_model_dir, tiny_model_dir_b):
     _fake_hub_cache(tmp_path / "hub", "org/tiny-b", tiny_model_dir_b)
     cfg = tmp_path / "hub.yml"
