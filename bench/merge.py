@@ -224,7 +224,7 @@ def main() -> None:
             runs.append(measure([], cmd_for(out)))
         return min(r[0] for r in runs), max(r[1] for r in runs)
 
-    for method in ns.methods.split(","):
+    for method in [m for m in ns.methods.split(",") if m]:
         cfg_file = work / f"{method}.yml"
         cfg_file.write_text(yaml.safe_dump(config(method, str(a), str(b), ns.layers), sort_keys=False))
         out_mk, out_tk = work / f"out_mergekit_{method}", work / f"out_tunekit_{method}"
