@@ -50,3 +50,26 @@ def test_matches_mergekit(key, parity_models, tmp_path):
         have = got.read(name)
         assert have.dtype == torch.float32
         assert torch.allclose(have, want, rtol=1e-5, atol=1e-6), (name, (have - want).abs().max())
+
+
+@pytest.fixture(scope="module")
+def token_models(tmp_path_factory):
+    return make_parity.build_token_models(tmp_path_factory.mktemp("parity_tok"))
+
+
+@pytest.mark.parametrize("key", sorted(make_parity.TOKENIZER_CONFIGS))
+def test_tokenizer_merges_match_mergekit(key, token_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg = validate_config(make_parity.fill(make_parity.TOKENIZER_CONFIGS[key], token_models), source=key)
+    out = merge_models(cfg, tmp_path / "out", progress=False, log=lambda m: None)
+    got = SafetensorsFolder(out)
+    with safe_open(str(FIXTURES / "expected_tokenizer.safetensors"), framework="pt") as fh:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows = fh.get_tensor(f"{key}/{name}/rows")
+            want = fh.get_tensor(f"{key}/{name}")
+            have = got.read(name)
+            assert have.shape[0] == int(rows[-1]) + 1  # same vocabulary size (padding included)
+            assert torch.allclose(have[rows], want, rtol=1e-5, atol=1e-5), (name, (have[rows] - want).abs().max())
+    tok = AutoTokenizer.from_pretrained(out)
+    assert all(t in tok.get_vocab() for t in make_parity.EXTRA_TOKENS)

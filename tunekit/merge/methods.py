@@ -158,8 +158,15 @@ def sparsify_della(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    probs = della_keep_probabilities(delta, density, epsilon)
-    return delta * torch.bernoulli(probs, generator=generator)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    out = torch.empty_like(rows)
+    # ranks are per row, so rows are done in chunks: the two int64 argsorts never cover the whole tensor
+    step = max(1, CHUNK_ELEMS // 4 // max(1, math.prod(rows.shape[1:])))
+    for r in range(0, rows.shape[0], step):
+        part = rows[r : r + step]
+        keep = torch.bernoulli(della_keep_probabilities(part, density, epsilon), generator=generator)
+        out[r : r + step] = part * keep
+    return out.reshape(delta.shape)
 
 
 def sparsify_random(
