@@ -12,7 +12,8 @@ around it.
   max abs difference of the outputs for the deterministic methods;
 * naive: load both models with `AutoModelForCausalLM.from_pretrained`, combine every parameter with the same
   functions, `save_pretrained` (slerp, dare_ties);
-* flat memory: tunekit slerp on model pairs of growing size (`--flat` layer counts), same peak RSS.
+* flat memory: tunekit slerp on model pairs of growing size (`--flat` layer counts; the bigger pairs are made
+  by stacking the base pair's layers with a tunekit passthrough merge), same peak RSS.
 """
 
 from __future__ import annotations
@@ -159,11 +160,27 @@ def _size_gb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
 
 
-def _pair(work: Path, layers: int) -> tuple[Path, Path]:
+def _pair(work: Path, layers: int, stack_from: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """Models A and B with `layers` layers: built with transformers, or (`stack_from`) by stacking the layers
+    of a smaller pair with a tunekit passthrough merge, which is much faster and has the same tensor shapes."""
+    import yaml
+
     a, b = work / f"model_a_{layers}", work / f"model_b_{layers}"
-    for folder, seed in ((a, 0), (b, 1)):
-        if not (folder / "config.json").is_file():
+    for k, (folder, seed) in enumerate(((a, 0), (b, 1))):
+        if (folder / "config.json").is_file():
+            continue
+        if stack_from is None:
             measure(["build", str(folder), str(seed), str(layers)])
+            continue
+        src = stack_from[k]
+        n_src = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+        slices, left = [], layers
+        while left > 0:
+            slices.append({"sources": [{"model": str(src), "layer_range": [0, min(n_src, left)]}]})
+            left -= min(n_src, left)
+        cfg = work / f"stack_{folder.name}.yml"
+        cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": slices}))
+        subprocess.run([sys.executable, "-m", "tunekit", "merge", str(cfg), str(folder), "--no-progress"], check=True)
     return a, b
 
 
@@ -247,7 +264,7 @@ def main() -> None:
 
     flat = []
     for layers in [int(x) for x in ns.flat.split(",") if x]:
-        fa, fb = _pair(work, layers)
+        fa, fb = _pair(work, layers, stack_from=(a, b) if layers > ns.layers else None)
         cfg_file = work / f"flat_{layers}.yml"
         cfg_file.write_text(yaml.safe_dump(config("slerp", str(fa), str(fb), layers), sort_keys=False))
         out = work / f"out_flat_{layers}"
