@@ -126,3 +126,23 @@ def test_sce_hand_case():
     assert torch.allclose(sce(base, [t1, t2], select_topk=0.5), torch.tensor([0.0, 0.0, 2.0, 0.0]), atol=1e-6)
     b = torch.full((4,), 0.5)
     assert torch.allclose(sce(b, [b + t1, b + t2]), b + torch.tensor([2.4, 1.0, 2.0, 0.0]), atol=1e-6)
+
+
+def test_whole_tensor_methods_combine_in_row_chunks(monkeypatch):
+    """TIES/DELLA/breadcrumbs prune over the whole tensor but combine row chunk by row chunk: same result."""
+    from tunekit.merge import methods
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(40, 30, generator=g) for _ in range(3)]
+    inputs = methods.TensorInputs("w", (40, 30), [lambda rows, x=x: x.clone() if rows is None else
+                                                  x[rows[0]:rows[1]].clone() for x in tensors], 0)
+    tp = [{}, {"weight": 0.7, "density": 0.5, "gamma": 0.05, "epsilon": 0.1},
+          {"weight": 0.4, "density": 0.3, "gamma": 0.05, "epsilon": 0.1}]
+    for name in ("ties", "breadcrumbs_ties", "della"):
+        spec = methods.METHODS[name]
+        params = dict(spec.global_params)
+        whole = torch.cat(list(spec.merge(inputs, params, tp, 3)))
+        monkeypatch.setattr(methods, "CHUNK_ELEMS", 200)
+        chunked = list(spec.merge(inputs, params, tp, 3))
+        monkeypatch.setattr(methods, "CHUNK_ELEMS", 8 * 1024 * 1024)
+        assert len(chunked) > 1 and torch.allclose(torch.cat(chunked), whole, atol=1e-6), name

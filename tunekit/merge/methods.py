@@ -552,15 +552,22 @@ def _gta(sparsification: str | None, consensus: str | None) -> Callable[..., Ite
                     if rescale and sparsification is not None and kept is not delta:
                         kept = rescale_l1(delta, kept)
                 deltas.append(kept)
-                del delta
-            yield generalized_task_arithmetic(
-                base,
-                deltas,
-                [float(tparams[i]["weight"]) for i in others],
-                consensus=consensus,
-                normalize=bool(params["normalize"]),
-                lambda_=float(params["lambda"]),
-            )
+                del delta, kept
+            weights = [float(tparams[i]["weight"]) for i in others]
+            # the sparsified task vectors are whole tensors here, but the combination is elementwise: do it in row
+            # chunks so its temporaries (weighted copies, sign sums, divisor) stay chunk-sized
+            parts = inputs.chunks() if rows is None else [rows]
+            for part in parts:
+                sl = slice(None) if part is None or rows is not None else slice(*part)
+                yield generalized_task_arithmetic(
+                    base[sl],
+                    [d[sl] for d in deltas],
+                    weights,
+                    consensus=consensus,
+                    normalize=bool(params["normalize"]),
+                    lambda_=float(params["lambda"]),
+                )
+            del base, deltas
 
     return merge
 
