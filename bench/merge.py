@@ -1,13 +1,19 @@
-"""Benchmark: `tunekit merge` (streaming) vs the naive transformers path, wall time and peak RSS.
+"""Benchmark: `tunekit merge` vs mergekit (`mergekit-yaml`) and vs the naive transformers path; flat memory.
 
-Two ~1.1 GB bf16 models are built from the public TinyLlama-1.1B config (10 of its 22 layers, ~570M params,
-random weights; nothing downloaded). Each path runs in its own subprocess; peak RSS is that process's
-`ru_maxrss` from `os.wait4`, wall time is measured around it.
+Models are built from the public TinyLlama-1.1B config (fewer layers, random bf16 weights; nothing downloaded).
+Each run is its own process; peak RSS is that process's `ru_maxrss` from `os.wait4`, wall time is measured
+around it.
 
-    .venv/bin/python bench/merge.py --workdir /tmp/tunekit-bench-merge [--layers 10] [--repeat 1]
+    .venv/bin/python bench/merge.py --workdir /tmp/tunekit-bench-merge [--layers 6] [--repeat 1] \
+        [--mergekit-venv /tmp/tunekit-bench-mergekit] [--flat 6,14,30] [--skip-naive]
 
-Naive path: load both models with `AutoModelForCausalLM.from_pretrained`, combine every parameter (same math,
-`tunekit.merge.methods`, float32 per tensor) into the first model, `save_pretrained`.
+* side by side: the same YAML config (slerp, dare_ties, della, passthrough) run by `python -m tunekit merge` and
+  by `mergekit-yaml` (mergekit 0.1.5, installed by this script into a throw-away venv, not by tunekit), with the
+  max abs difference of the outputs for the deterministic methods;
+* naive: load both models with `AutoModelForCausalLM.from_pretrained`, combine every parameter with the same
+  functions, `save_pretrained` (slerp, dare_ties);
+* flat memory: tunekit slerp on model pairs of growing size (`--flat` layer counts; the bigger pairs are made
+  by stacking the base pair's layers with a tunekit passthrough merge), same peak RSS.
 """
 
 from __future__ import annotations
@@ -43,6 +49,50 @@ TINYLLAMA_CONFIG = {
 
 SLERP_T = 0.5
 DARE = {"weight": 0.7, "density": 0.5}
+DELLA = {"weight": 0.7, "density": 0.5, "epsilon": 0.1}
+MERGEKIT = "mergekit==0.1.5"
+TORCH = "torch==2.13.0"
+
+
+def config(method: str, a: str, b: str, layers: int) -> dict:
+    """The mergekit YAML both tools run."""
+    if method == "slerp":
+        return {
+            "merge_method": "slerp",
+            "base_model": a,
+            "models": [{"model": a}, {"model": b}],
+            "parameters": {"t": SLERP_T},
+            "dtype": "bfloat16",
+        }
+    if method in ("dare_ties", "della"):
+        return {
+            "merge_method": method,
+            "base_model": a,
+            "models": [{"model": a}, {"model": b, "parameters": DARE if method == "dare_ties" else DELLA}],
+            "dtype": "bfloat16",
+        }
+    half = layers // 2
+    return {  # a frankenmerge: A's first half + 2, then B's second half + 2 (overlapping layers, deeper model)
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, min(layers, half + 2)]}]},
+            {"sources": [{"model": b, "layer_range": [max(0, half - 2), layers]}]},
+        ],
+    }
+
+
+def mergekit_yaml(venv: Path) -> Path:
+    """`mergekit-yaml` of a throw-away venv (made on first use: torch CPU wheel, then mergekit 0.1.5)."""
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.is_file():
+        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "pip"), "install", "-q"]
+        subprocess.run([*pip, TORCH], check=True)
+        constraint = venv / "torch-constraint.txt"
+        constraint.write_text(TORCH + "\n")
+        subprocess.run([*pip, "-c", str(constraint), MERGEKIT], check=True)
+    return exe
 
 
 def build(folder: Path, seed: int, layers: int) -> None:
@@ -57,28 +107,6 @@ def build(folder: Path, seed: int, layers: int) -> None:
             if p.dim() > 1:
                 p.normal_(0.0, 0.02)
     model.save_pretrained(folder)
-
-
-def run_tunekit(method: str, a: str, b: str, out: str) -> None:
-    from tunekit.merge.config import validate_config
-    from tunekit.merge.engine import merge_models
-
-    if method == "slerp":
-        raw = {
-            "merge_method": "slerp",
-            "base_model": a,
-            "models": [{"model": a}, {"model": b}],
-            "parameters": {"t": SLERP_T},
-            "dtype": "bfloat16",
-        }
-    else:
-        raw = {
-            "merge_method": "dare_ties",
-            "base_model": a,
-            "models": [{"model": a}, {"model": b, "parameters": DARE}],
-            "dtype": "bfloat16",
-        }
-    merge_models(validate_config(raw, "bench"), out, overwrite=True, progress=False, log=lambda m: None)
 
 
 def run_naive(method: str, a: str, b: str, out: str) -> None:
@@ -113,19 +141,54 @@ def run_naive(method: str, a: str, b: str, out: str) -> None:
     ma.save_pretrained(out)
 
 
-def measure(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of `python bench/merge.py --child ...` in its own process.
+def measure(args: list[str], command: list[str] | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of `python bench/merge.py --child ...` (or `command`) in its own process.
 
     The parent stays small (no torch): Linux's ru_maxrss of a child also counts the RSS it inherited at
     fork time, so a large parent would inflate every measurement.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *args])
+    proc = subprocess.Popen(command or [sys.executable, __file__, "--child", *args], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"child {args} failed")
+        raise SystemExit(f"child {command or args} failed")
     return wall, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def _size_gb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+
+
+def _pair(work: Path, layers: int, stack_from: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """Models A and B with `layers` layers: built with transformers, or (`stack_from`) by stacking the layers
+    of a smaller pair with a tunekit passthrough merge, which is much faster and has the same tensor shapes."""
+    import yaml
+
+    a, b = work / f"model_a_{layers}", work / f"model_b_{layers}"
+    for k, (folder, seed) in enumerate(((a, 0), (b, 1))):
+        if (folder / "config.json").is_file():
+            continue
+        if stack_from is None:
+            measure(["build", str(folder), str(seed), str(layers)])
+            continue
+        src = stack_from[k]
+        n_src = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+        slices, left = [], layers
+        while left > 0:
+            slices.append({"sources": [{"model": str(src), "layer_range": [0, min(n_src, left)]}]})
+            left -= min(n_src, left)
+        cfg = work / f"stack_{folder.name}.yml"
+        cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": slices}))
+        subprocess.run([sys.executable, "-m", "tunekit", "merge", str(cfg), str(folder), "--no-progress"], check=True)
+    return a, b
+
+
+def _diff(x: Path, y: Path) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "diff", str(x), str(y)], check=True, capture_output=True, text=True
+    )
+    return float(out.stdout.split()[-1])
 
 
 def max_abs_diff(x: Path, y: Path) -> float:
@@ -141,10 +204,16 @@ def max_abs_diff(x: Path, y: Path) -> float:
 
 
 def main() -> None:
+    import yaml
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/tunekit-bench-merge")
-    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--mergekit-venv", default="/tmp/tunekit-bench-mergekit")
+    ap.add_argument("--methods", default="slerp,dare_ties,della,passthrough")
+    ap.add_argument("--flat", default="6,14,30", help="layer counts for the flat-memory runs ('' to skip)")
+    ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.child:
@@ -153,59 +222,75 @@ def main() -> None:
             build(Path(rest[0]), int(rest[1]), int(rest[2]))
         elif kind == "diff":
             print(max_abs_diff(Path(rest[0]), Path(rest[1])))
-        elif kind == "tunekit":
-            run_tunekit(*rest)
         else:
             run_naive(*rest)
         return
 
     work = Path(ns.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    a, b = work / "model_a", work / "model_b"
-    for folder, seed in ((a, 0), (b, 1)):
-        if not (folder / "config.json").is_file():
-            measure(["build", str(folder), str(seed), str(ns.layers)])
-    size_gb = sum(f.stat().st_size for f in a.glob("*.safetensors")) / 1e9
+    mk = mergekit_yaml(Path(ns.mergekit_venv))
+    a, b = _pair(work, ns.layers)
+    size_gb = _size_gb(a)
+    env_note = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     rows = []
-    for method in ("slerp", "dare_ties"):
-        results = {}
-        for path in ("naive", "tunekit"):
-            out = work / f"out_{path}_{method}"
-            runs = []
-            for _ in range(ns.repeat):
-                shutil.rmtree(out, ignore_errors=True)
-                runs.append(measure([path, method, str(a), str(b), str(out)]))
-            results[path] = (min(r[0] for r in runs), max(r[1] for r in runs))
-        diff = float(
-            subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    "diff",
-                    str(work / f"out_naive_{method}"),
-                    str(work / f"out_tunekit_{method}"),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.split()[-1]
-        )
-        rows.append((method, results, diff))
-    print(json.dumps({"model_gb": size_gb, "rows": [[m, r, d] for m, r, d in rows]}, indent=1))
-    print(
-        f"\nTwo {size_gb:.2f} GB bf16 models (TinyLlama-1.1B config, {ns.layers} layers), "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n"
-    )
-    print("| method | path | wall time (s) | peak RSS (MiB) | RSS vs naive | time vs naive | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
-    for method, res, diff in rows:
-        nw, nr = res["naive"]
-        tw, tr = res["tunekit"]
-        print(f"| {method} | naive (transformers) | {nw:.1f} | {nr:.0f} | 100% | 1.00x | |")
-        print(
-            f"| {method} | tunekit merge | {tw:.1f} | {tr:.0f} | {100 * tr / nr:.0f}% | {tw / nw:.2f}x | {diff:.1e} |"
-        )
+
+    def best(cmd_for, out: Path) -> tuple[float, float]:
+        runs = []
+        for _ in range(ns.repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(measure([], cmd_for(out)))
+        return min(r[0] for r in runs), max(r[1] for r in runs)
+
+    for method in [m for m in ns.methods.split(",") if m]:
+        cfg_file = work / f"{method}.yml"
+        cfg_file.write_text(yaml.safe_dump(config(method, str(a), str(b), ns.layers), sort_keys=False))
+        out_mk, out_tk = work / f"out_mergekit_{method}", work / f"out_tunekit_{method}"
+        mk_cmd = [str(mk), str(cfg_file)]
+        mk_res = best(lambda out, c=mk_cmd: [*c, str(out), "--no-copy-tokenizer", "--quiet"], out_mk)
+        tk_cmd = [sys.executable, "-m", "tunekit", "merge", str(cfg_file)]
+        tk_res = best(lambda out, c=tk_cmd: [*c, str(out), "--no-progress"], out_tk)
+        diff = _diff(out_mk, out_tk) if method in ("slerp", "passthrough") else None
+        rows.append({"method": method, "mergekit": mk_res, "tunekit": tk_res, "max_abs_diff": diff})
+        print(json.dumps(rows[-1]), flush=True)
+
+    naive = []
+    if not ns.skip_naive:
+        for method in ("slerp", "dare_ties"):
+            out = work / f"out_naive_{method}"
+            res = best(lambda o, m=method: [sys.executable, __file__, "--child", "naive", m, str(a), str(b), str(o)],
+                       out)
+            naive.append({"method": method, "naive": res})
+            print(json.dumps(naive[-1]), flush=True)
+
+    flat = []
+    for layers in [int(x) for x in ns.flat.split(",") if x]:
+        fa, fb = _pair(work, layers, stack_from=(a, b) if layers > ns.layers else None)
+        cfg_file = work / f"flat_{layers}.yml"
+        cfg_file.write_text(yaml.safe_dump(config("slerp", str(fa), str(fb), layers), sort_keys=False))
+        out = work / f"out_flat_{layers}"
+        tk_cmd = [sys.executable, "-m", "tunekit", "merge", str(cfg_file)]
+        res = best(lambda o, c=tk_cmd: [*c, str(o), "--no-progress"], out)
+        flat.append({"layers": layers, "input_gb": 2 * _size_gb(fa), "tunekit": res})
+        shutil.rmtree(out, ignore_errors=True)
+        print(json.dumps(flat[-1]), flush=True)
+
+    print(f"\nTwo {size_gb:.2f} GB bf16 models (TinyLlama-1.1B config, {ns.layers} layers), {env_note}\n")
+    print("| method | mergekit time (s) | mergekit peak RSS (MiB) | tunekit time (s) | tunekit peak RSS (MiB) "
+          "| time vs mergekit | RSS vs mergekit | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        (mw, mr), (tw, tr) = r["mergekit"], r["tunekit"]
+        d = "random masks" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        print(f"| {r['method']} | {mw:.1f} | {mr:.0f} | {tw:.1f} | {tr:.0f} | {tw / mw:.2f}x | {tr / mr:.2f}x | {d} |")
+    if naive:
+        print("\n| method | naive transformers time (s) | naive peak RSS (MiB) |\n|---|---|---|")
+        for r in naive:
+            print(f"| {r['method']} | {r['naive'][0]:.1f} | {r['naive'][1]:.0f} |")
+    if flat:
+        print("\n| layers | input size (both models, GB) | tunekit slerp time (s) | peak RSS (MiB) |")
+        print("|---|---|---|---|")
+        for r in flat:
+            print(f"| {r['layers']} | {r['input_gb']:.2f} | {r['tunekit'][0]:.1f} | {r['tunekit'][1]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -111,13 +111,13 @@ def _mutant(tmp_path, src, drop=None, reshape=None):
 
 
 BAD_CONFIGS = [
-    ({"slices": []}, "unsupported key 'slices'"),
-    ({"merge_method": "nuslerp"}, "merge_method 'nuslerp' is not supported"),
+    ({"modules": {}}, "unsupported key 'modules'"),
+    ({"merge_method": "frankenstein"}, "merge_method 'frankenstein' is not supported"),
     ({"parameters": {"t": 0.5, "density": 0.3}}, "parameter 'density' is not used by merge_method 'slerp'"),
     ({"parameters": {"t": 1.5}}, "t=1.5 is outside"),
     ({"parameters": {"t": [{"filter": "mlp", "value": 0.5}]}}, "missing required parameter 't'"),
     ({"dtype": "int4"}, "unsupported dtype 'int4'"),
-    ({"tokenizer_source": "union"}, "tokenizer_source 'union' is not supported"),
+    ({"tokenizer_source": "nope"}, "tokenizer_source 'nope' is not one of the models"),
     ({"base_model": None}, "slerp needs base_model"),
 ]
 

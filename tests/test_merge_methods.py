@@ -303,13 +303,12 @@ def test_missing_required_weight_is_an_error(tiny_model_dir, tiny_model_dir_b, t
     assert not (tmp_path / "x").exists()
 
 
-def test_tokenizer_source_embedding_rules(tmp_path, tiny_model_dir, tiny_model_dir_b):
+def test_tokenizer_source_base_merges_embeddings_with_the_method(tmp_path, tiny_model_dir, tiny_model_dir_b):
     a, b = _tensors(tiny_model_dir), _tensors(tiny_model_dir_b)
+    # mergekit 0.1.5: with identical vocabularies the aligned embeddings are merged by the config's method
+    # (the old embed_slerp switch is accepted and ignored, as mergekit does)
     raw = {**_slerp_cfg(tiny_model_dir, tiny_model_dir_b, 0.3), "tokenizer_source": "base"}
-    # as mergekit: with tokenizer_source, embeddings merge linearly by `weight` unless embed_slerp is set
-    with pytest.raises(TunekitError, match="embed_slerp"):
-        merge_models(validate_config(raw), tmp_path / "x", progress=False)
-    raw["parameters"] = {"t": 0.3, "embed_slerp": True}
+    raw["parameters"] = {"t": 0.3, "embed_slerp": False}
     out = _merge(tmp_path, "es", raw)
-    n = "model.embed_tokens.weight"
-    assert torch.allclose(out[n], slerp(a[n], b[n], 0.3), atol=1e-6)
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.allclose(out[n], slerp(a[n], b[n], 0.3), atol=1e-6)

@@ -25,11 +25,16 @@ def merge(
     ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Output folder."),
     method: str | None = typer.Option(
-        None, "--method", help="linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, adapter_sum."
+        None,
+        "--method",
+        help="linear, slerp, nuslerp, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, "
+        "della, della_linear, model_stock, karcher, sce, adapter_sum (passthrough: use a slices config).",
     ),
     t: float | None = typer.Option(None, "--t", help="slerp interpolation factor (0 = first model/base)."),
     weights: str | None = typer.Option(None, "--weights", help="Comma-separated weights, one per model."),
-    density: float | None = typer.Option(None, "--density", help="ties/dare density (fraction kept)."),
+    density: float | None = typer.Option(
+        None, "--density", help="ties/dare/della/breadcrumbs density (fraction kept)."
+    ),
     base: str | None = typer.Option(None, "--base", help="Base model (task vectors, slerp t=0, adapters)."),
     adapter: str | None = typer.Option(
         None, "--adapter", help="Adapter folder or tunekit run dir to fold in."
@@ -37,7 +42,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype: float32, float16, bfloat16."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum output shard size."),
-    seed: int = typer.Option(0, "--seed", help="Seed for DARE's random drops (per tensor)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for DARE's and DELLA's random drops (per tensor)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     from tunekit.merge.engine import run_merge_command

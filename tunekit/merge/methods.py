@@ -102,11 +102,71 @@ def sparsify_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))  # mergekit keeps at least one entry for a positive density
     mask = torch.zeros(delta.numel(), dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(delta.abs().reshape(-1), k=k, largest=True).indices] = True
+    mask[torch.topk(delta.abs().reshape(-1), k=k, largest=True).indices] = True
     return delta * mask.view(delta.shape)
+
+
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """mergekit's `rescale` for magnitude/outlier/DELLA pruning: kept·‖δ‖₁/‖kept‖₁ (unchanged if either norm < eps)."""
+    before, after = float(delta.abs().sum()), float(kept.abs().sum())
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def sparsify_breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top `gamma` fraction by |δ| (outliers) and the smallest, keeping int(density·n).
+
+    Sorted ascending by |δ|, entries [n − k − ⌊γn⌋, n − ⌊γn⌋) survive with k = int(density·n); the outlier cut
+    shrinks when needed to keep k (Davari & Belilovsky 2023, arXiv:2312.06795; indices as mergekit).
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    k = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[n_bot : n_bot + k]] = True
+    return delta * mask.view(delta.shape)
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune: p = density − ε + 2ε·(r − 1)/(m − 1), r the 1-based |δ| rank within its row of m entries.
+
+    Bigger entries are kept with higher probability; the row mean of p is `density` (Deep et al. 2024,
+    arXiv:2406.11617). Rows are dim 1 of the tensor as mergekit does (1-d tensors are one row).
+    """
+    x = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(x.abs(), dim=1), dim=1).to(torch.float32) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    span = (hi - lo).clamp(min=1)
+    rank_norm = ((ranks - lo) / span).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
+
+
+def sparsify_della(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """DELLA drop: δ' = m ⊙ δ with m ~ Bernoulli(`della_keep_probabilities`); `rescale` is applied by the caller."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    out = torch.empty_like(rows)
+    # ranks are per row, so rows are done in chunks: the two int64 argsorts never cover the whole tensor
+    step = max(1, CHUNK_ELEMS // 4 // max(1, math.prod(rows.shape[1:])))
+    for r in range(0, rows.shape[0], step):
+        part = rows[r : r + step]
+        keep = torch.bernoulli(della_keep_probabilities(part, density, epsilon), generator=generator)
+        out[r : r + step] = part * keep
+    return out.reshape(delta.shape)
 
 
 def sparsify_random(
@@ -198,6 +258,135 @@ def generalized_task_arithmetic(
     return mixed.add_(base)
 
 
+def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: θ = t·mean(θ_i) + (1−t)·θ_base, t = k·cosθ/(1+(k−1)·cosθ) (Jang et al. 2024, arXiv:2403.19522).
+
+    cosθ is the mean pairwise cosine of the k task vectors θ_i − θ_base, over the whole tensor or per output row
+    (`filter_wise`); where 1+(k−1)cosθ ≈ 0 the base is kept (t = 0), as mergekit.
+    """
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in tensors]
+    else:
+        w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1 :]:
+            norms = (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)).clamp(min=1e-6)
+            cos.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+    del offsets
+    cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    k = len(ws)
+    denominator = 1 + (k - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos_theta), k * cos_theta / torch.where(singular, 1.0, denominator))
+    average = ws[0].clone()
+    for w in ws[1:]:
+        average.add_(w)
+    average.div_(k)
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def nuslerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """SLERP of v0→v1 at t, over the whole tensor (`flatten`), its rows, or its columns (`row_wise`, mergekit's dim 0).
+
+    Each vector pair: (sin((1−t)Ω)·v0 + sin(tΩ)·v1)/sinΩ with cosΩ = ⟨v0,v1⟩/(‖v0‖‖v1‖); lerp where 1−cos²Ω ≤ eps²
+    (Shoemake 1985; mergekit's `nuslerp`).
+    """
+    shape = v0.shape
+    if flatten:
+        a, b = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    del ua, ub
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    sin = torch.sin(theta)
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
+    out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """Karcher (Riemannian) mean of the directions x_i/‖x_i‖ on the unit sphere, times the mean norm Σ‖x_i‖/n.
+
+    Fixed point of μ ← exp_μ(Σ α_i·log_μ(u_i)) with equal α_i over non-zero inputs, log_μ(u) = θ/sinθ·(u − cosθ·μ),
+    at most `max_iter` steps, stopping when ‖tangent‖ < `tol` (Karcher 1977; as mergekit's `karcher`).
+    """
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [float(torch.linalg.vector_norm(x)) for x in tensors]
+    units = [x / n if n != 0 else torch.zeros_like(x) for x, n in zip(tensors, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    units = [units[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for w, u in zip(weights, units, strict=True):
+        mean.add_(u, alpha=w)
+    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean = units[0].clone() if mean_norm < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, units, strict=True):
+            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = float(torch.linalg.vector_norm(mean))
+        if unit_norm > tol:
+            mean = mean / unit_norm
+    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
+    return scale * mean
+
+
+def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """SCE: Select the top `select_topk` of entries by variance across the task vectors δ_i, Calculate weights
+    w_i = mean(δ_i²)/Σ_j mean(δ_j²), Erase entries disagreeing with sign(Σ δ_i): θ_base + Σ w_i m_i δ_i / Σ w_i m_i.
+
+    FuseChat 2.0 (Wan et al. 2024, arXiv:2408.07990), as mergekit's `sce`.
+    """
+    if not tensors:
+        return base.clone()
+    tvs = torch.stack([x - base for x in tensors])
+    if select_topk < 1:
+        if select_topk <= 0:
+            mask = torch.zeros_like(base)
+        else:
+            var = torch.var(tvs, dim=0, unbiased=False)
+            k = int(int(torch.count_nonzero(var)) * select_topk)
+            mask = torch.zeros_like(var)
+            if k > 0:
+                mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+        tvs = tvs * mask.unsqueeze(0)
+    erase = sign_consensus_mask(tvs, "sum").to(tvs.dtype)
+    energy = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = float(energy.sum())
+    weights = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    weights = weights.view(-1, *([1] * (tvs.dim() - 1))) * erase
+    merged = (tvs * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+    return base + merged
+
+
 def tensor_seed(seed: int, *parts: object) -> int:
     """A stable 63-bit seed for one (tensor, model, chunk): sha256 of the parts, independent of
     PYTHONHASHSEED."""
@@ -245,7 +434,8 @@ class MethodSpec:
 
     `merge(inputs, params, tensor_params, seed)` yields float32 row chunks of the merged tensor in order;
     `tensor_params[i]` is the per-model parameter dict for input i (empty for the base model in task-vector
-    methods). `needs_base`: task-vector methods need `base_model`.
+    methods). `needs_base`: the method needs `base_model`; `uses_base`: the base is special (task vectors are
+    relative to it), else it is one more input. `inputs`/`non_base`: allowed (min, max) counts, None = no limit.
     """
 
     name: str
@@ -255,6 +445,26 @@ class MethodSpec:
     needs_base: bool = False
     reference: str = ""
     base_tensor_params: bool = field(default=False)  # whether the base model takes tensor parameters
+    uses_base: bool | None = None
+    inputs: tuple[int, int | None] = (1, None)
+    non_base: tuple[int, int | None] = (0, None)
+
+    @property
+    def base_is_special(self) -> bool:
+        return self.needs_base if self.uses_base is None else self.uses_base
+
+    def check_inputs(self, count: int, has_base: bool) -> str | None:
+        """Why `count` inputs (one of them the base if `has_base`) cannot be merged by this method, or None."""
+        lo, hi = self.inputs
+        if count < lo or (hi is not None and count > hi):
+            want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            return f"merge_method '{self.name}' takes {want} input models (base included), got {count}"
+        non_base = count - int(has_base and self.base_is_special)
+        lo, hi = self.non_base
+        if non_base < lo or (hi is not None and non_base > hi):
+            want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            return f"merge_method '{self.name}' takes {want} models besides the base, got {non_base}"
+        return None
 
 
 def _merge_linear(
@@ -263,6 +473,15 @@ def _merge_linear(
     weights = [tp["weight"] for tp in tparams]
     for rows in inputs.chunks():
         yield linear([inputs.read(i, rows) for i in range(len(inputs))], weights, params["normalize"])
+
+
+def _merge_passthrough(
+    inputs: TensorInputs, params: dict, tparams: list[dict], seed: int
+) -> Iterator[torch.Tensor]:
+    scale = tparams[0].get("scale")
+    for rows in inputs.chunks():
+        x = inputs.read(0, rows)
+        yield x if scale is None else x.mul_(float(scale))
 
 
 def _merge_slerp(
@@ -300,32 +519,55 @@ def _merge_slerp(
             yield a
 
 
+#: sparsifications that need the whole tensor (a rank or a norm over it); DARE's Bernoulli drop streams by rows.
+_WHOLE_TENSOR_SPARSIFICATION = {"magnitude", "breadcrumbs", "della"}
+
+
 def _gta(sparsification: str | None, consensus: str | None) -> Callable[..., Iterator[torch.Tensor]]:
     def merge(inputs: TensorInputs, params: dict, tparams: list[dict], seed: int) -> Iterator[torch.Tensor]:
         b = inputs.base_index
         assert b is not None
         others = [i for i in range(len(inputs)) if i != b]
-        chunks = [None] if sparsification == "magnitude" else inputs.chunks()
+        chunks = [None] if sparsification in _WHOLE_TENSOR_SPARSIFICATION else inputs.chunks()
+        rescale = bool(params["rescale"])
         for ci, rows in enumerate(chunks):
             base = inputs.read(b, rows)
             deltas = []
             for i in others:
                 delta = inputs.read(i, rows).sub_(base)
                 density = float(tparams[i]["density"])
-                if sparsification == "magnitude":
-                    delta = sparsify_magnitude(delta, density)
-                elif sparsification == "random":
+                if sparsification == "random":
                     gen = torch.Generator().manual_seed(tensor_seed(seed, inputs.name, i, ci))
-                    delta = sparsify_random(delta, density, bool(params["rescale"]), gen)
-                deltas.append(delta)
-            yield generalized_task_arithmetic(
-                base,
-                deltas,
-                [float(tparams[i]["weight"]) for i in others],
-                consensus=consensus,
-                normalize=bool(params["normalize"]),
-                lambda_=float(params["lambda"]),
-            )
+                    kept = sparsify_random(delta, density, rescale, gen)
+                else:
+                    if sparsification == "magnitude":
+                        kept = sparsify_magnitude(delta, density)
+                    elif sparsification == "breadcrumbs":
+                        kept = sparsify_breadcrumbs(delta, density, float(tparams[i]["gamma"]))
+                    elif sparsification == "della":
+                        gen = torch.Generator().manual_seed(tensor_seed(seed, inputs.name, i, ci))
+                        kept = sparsify_della(delta, density, float(tparams[i]["epsilon"]), gen)
+                    else:
+                        kept = delta
+                    if rescale and sparsification is not None and kept is not delta:
+                        kept = rescale_l1(delta, kept)
+                deltas.append(kept)
+                del delta, kept
+            weights = [float(tparams[i]["weight"]) for i in others]
+            # the sparsified task vectors are whole tensors here, but the combination is elementwise: do it in row
+            # chunks so its temporaries (weighted copies, sign sums, divisor) stay chunk-sized
+            parts = inputs.chunks() if rows is None else [rows]
+            for part in parts:
+                sl = slice(None) if part is None or rows is not None else slice(*part)
+                yield generalized_task_arithmetic(
+                    base[sl],
+                    [d[sl] for d in deltas],
+                    weights,
+                    consensus=consensus,
+                    normalize=bool(params["normalize"]),
+                    lambda_=float(params["lambda"]),
+                )
+            del base, deltas
 
     return merge
 
@@ -338,14 +580,61 @@ def _gta_spec(
     rescale: bool,
     reference: str,
 ) -> MethodSpec:
+    tensor_params: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
+    if sparsification == "breadcrumbs":
+        tensor_params["gamma"] = 0.01
+    if sparsification == "della":
+        tensor_params["epsilon"] = 0.15
     return MethodSpec(
         name=name,
         global_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
-        tensor_params={"weight": REQUIRED, "density": 1.0},
+        tensor_params=tensor_params,
         merge=_gta(sparsification, consensus),
         needs_base=True,
         reference=reference,
     )
+
+
+def _whole(inputs: TensorInputs, indices: Sequence[int]) -> list[torch.Tensor]:
+    return [inputs.read(i) for i in indices]
+
+
+def _merge_model_stock(
+    inputs: TensorInputs, params: dict, tparams: list[dict], seed: int
+) -> Iterator[torch.Tensor]:
+    b = inputs.base_index
+    assert b is not None
+    others = [i for i in range(len(inputs)) if i != b]
+    yield model_stock(inputs.read(b), _whole(inputs, others), bool(params["filter_wise"]))
+
+
+def _merge_nuslerp(
+    inputs: TensorInputs, params: dict, tparams: list[dict], seed: int
+) -> Iterator[torch.Tensor]:
+    b = inputs.base_index
+    others = [i for i in range(len(inputs)) if i != b]
+    w0, w1 = (float(tparams[i]["weight"]) for i in others)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    row_wise, flatten = bool(params["nuslerp_row_wise"]), bool(params["nuslerp_flatten"])
+    v0, v1 = _whole(inputs, others)
+    if b is None:
+        yield nuslerp(t, v0, v1, row_wise, flatten)
+        return
+    base = inputs.read(b)
+    yield base.add_(nuslerp(t, v0.sub_(base), v1.sub_(base), row_wise, flatten))
+
+
+def _merge_karcher(
+    inputs: TensorInputs, params: dict, tparams: list[dict], seed: int
+) -> Iterator[torch.Tensor]:
+    yield karcher_mean(_whole(inputs, range(len(inputs))), int(params["max_iter"]), float(params["tol"]))
+
+
+def _merge_sce(inputs: TensorInputs, params: dict, tparams: list[dict], seed: int) -> Iterator[torch.Tensor]:
+    b = inputs.base_index
+    assert b is not None
+    others = [i for i in range(len(inputs)) if i != b]
+    yield sce(inputs.read(b), _whole(inputs, others), float(params["select_topk"]))
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -364,11 +653,62 @@ METHODS: dict[str, MethodSpec] = {
         _merge_slerp,
         reference="Shoemake 1985 (SLERP)",
         base_tensor_params=True,
+        uses_base=True,
+        inputs=(2, 2),
+    ),
+    "passthrough": MethodSpec(
+        "passthrough",
+        {},
+        {"scale": None},
+        _merge_passthrough,
+        reference="mergekit passthrough (frankenmerges)",
+        base_tensor_params=True,
+        inputs=(1, 1),
     ),
     "task_arithmetic": _gta_spec("task_arithmetic", None, None, False, False, "Ilharco et al. 2023"),
     "ties": _gta_spec("ties", "magnitude", "sum", True, False, "Yadav et al. 2023"),
     "dare_ties": _gta_spec("dare_ties", "random", "sum", False, True, "Yu et al. 2024"),
     "dare_linear": _gta_spec("dare_linear", "random", None, False, True, "Yu et al. 2024"),
+    "breadcrumbs": _gta_spec("breadcrumbs", "breadcrumbs", None, False, False, "Davari & Belilovsky 2023"),
+    "breadcrumbs_ties": _gta_spec(
+        "breadcrumbs_ties", "breadcrumbs", "sum", False, False, "Davari & Belilovsky 2023"
+    ),
+    "della": _gta_spec("della", "della", "sum", True, True, "Deep et al. 2024"),
+    "della_linear": _gta_spec("della_linear", "della", None, False, True, "Deep et al. 2024"),
+    "model_stock": MethodSpec(
+        "model_stock",
+        {"filter_wise": False},
+        {},
+        _merge_model_stock,
+        needs_base=True,
+        reference="Jang et al. 2024",
+        inputs=(3, None),
+    ),
+    "nuslerp": MethodSpec(
+        "nuslerp",
+        {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+        {"weight": REQUIRED},
+        _merge_nuslerp,
+        reference="Shoemake 1985; mergekit nuslerp",
+        uses_base=True,
+        non_base=(2, 2),
+    ),
+    "karcher": MethodSpec(
+        "karcher",
+        {"max_iter": 10, "tol": 1e-5},
+        {},
+        _merge_karcher,
+        reference="Karcher 1977",
+        base_tensor_params=True,
+    ),
+    "sce": MethodSpec(
+        "sce",
+        {"select_topk": 1.0, "int8_mask": False},
+        {},
+        _merge_sce,
+        needs_base=True,
+        reference="Wan et al. 2024 (FuseChat 2.0)",
+    ),
 }
 
 

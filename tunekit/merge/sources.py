@@ -1,0 +1,132 @@
+"""Merge inputs: resolve a mergekit model reference to a streamable tensor source.
+
+A reference is a local folder, a tunekit alias, a hub id (`org/name` or `org/name@revision`, read from the
+Hugging Face hub cache through `huggingface_hub.snapshot_download`; with HF_HUB_OFFLINE=1 a model missing from
+the cache is a clean error), or `MODEL+ADAPTER` (a PEFT adapter folder or tunekit run folded into MODEL while
+streaming, with the adapter registry's merge plan from `tunekit.merge.adapters`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tunekit.errors import TunekitError
+from tunekit.merge.io import SafetensorsFolder, TensorInfo
+
+#: hub files a merge needs: safetensors weights only (never pickles), configs and tokenizer files.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def resolve_hub(name: str) -> Path:
+    """Folder of hub model `org/name[@revision]` in the hub cache; downloads (safetensors only) unless offline."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo, _, revision = name.partition("@")
+    try:
+        return Path(
+            snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        )
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends): try the hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise TunekitError(
+            f"model '{name}' is not a local folder and not in the hub cache ({constants.HF_HUB_CACHE}); "
+            "HF_HUB_OFFLINE is set, so nothing is downloaded (fetch it with `hf download " + repo + "`)"
+        )
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one user-facing line
+        raise TunekitError(
+            f"model '{name}': not a local folder, and the hub download failed ({type(exc).__name__})"
+        ) from None
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local model folder, a tunekit alias (`tunekit.models.load.resolve_model_path`), or a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from tunekit.models.load import resolve_model_path as resolve_alias
+
+    try:
+        resolved = resolve_alias(str(name))
+    except TunekitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to resolve is a user-facing "not found"
+        raise TunekitError(f"model '{name}' not found ({exc})") from None
+    if isinstance(resolved, Path) and resolved.is_dir():
+        return resolved
+    if _HUB_ID.match(str(name)):
+        return resolve_hub(str(name))
+    raise TunekitError(f"model '{name}' not found (not a local folder, alias or hub id org/name)")
+
+
+class ModelSource:
+    """One referenced model: its safetensors tensors, with an adapter folded into the tensors it touches.
+
+    `path` is the model folder (config.json, tokenizer); `read` gives a tensor or a row range of it. A tensor
+    the adapter edits is computed whole once (W' = edit(W)) and kept until another edited tensor is read, so
+    chunked readers do not recompute it.
+    """
+
+    def __init__(self, ref: str, path: Path, adapter: Path | None = None, edits: dict | None = None) -> None:
+        self.ref = ref
+        self.label = ref
+        self.path = path
+        self.adapter = adapter
+        self.folder = SafetensorsFolder(path, label=ref)
+        self.edits = edits or {}
+        self._cached: tuple[str, Any] | None = None
+
+    def names(self) -> list[str]:
+        return self.folder.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.folder
+
+    def info(self, name: str) -> TensorInfo:
+        return self.folder.info(name)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: Any = None) -> Any:
+        if name not in self.edits:
+            return self.folder.read(name, rows, dtype)
+        import torch
+
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None
+            self._cached = (name, self.edits[name](self.folder.read(name, dtype=torch.float32)))
+        full = self._cached[1]
+        out = full if rows is None or full.dim() == 0 else full[rows[0] : rows[1]]
+        return out.clone() if dtype in (None, torch.float32) else out.to(dtype)
+
+
+def split_lora_reference(ref: str) -> tuple[str, str | None]:
+    """'model+adapter' -> ('model', 'adapter'), as mergekit's ModelReference; a plain reference -> (ref, None)."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return ref, None
+    model, _, adapter = ref.partition("+")
+    if not model or not adapter or "+" in adapter:
+        raise TunekitError(f"model reference '{ref}': expected MODEL+ADAPTER")
+    return model, adapter
+
+
+def open_source(ref: str) -> ModelSource:
+    """Resolve a mergekit model reference (folder, alias, hub id, MODEL+ADAPTER) and open its tensors."""
+    model, adapter = split_lora_reference(ref)
+    path = resolve_model_path(model)
+    if adapter is None:
+        return ModelSource(ref, path)
+    from tunekit.merge.adapters import resolve_adapter
+
+    adapter_path = Path(adapter).expanduser()
+    if not adapter_path.is_dir():
+        raise TunekitError(f"model reference '{ref}': adapter '{adapter}' is not a local folder or tunekit run")
+    res = resolve_adapter(adapter_path)
+    if res.kind.plan_merge is None:
+        raise TunekitError(f"model reference '{ref}': adapter type '{res.kind.name}' cannot be folded into a model")
+    source = ModelSource(ref, path, res.folder)
+    source.edits = res.kind.plan_merge(res.folder, source.folder)
+    return source
