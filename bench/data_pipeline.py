@@ -30,8 +30,8 @@ t0 = time.perf_counter()
 from tunekit.config.schema import DataConfig, ModelConfig
 from tunekit.models.load import load_tokenizer
 from tunekit.data import pipeline
-tok = load_tokenizer(ModelConfig(name="smollm2-135m"))
-mode, path = sys.argv[1], sys.argv[2]
+mode, path, model = sys.argv[1], sys.argv[2], sys.argv[-1]
+tok = load_tokenizer(ModelConfig(name=model))
 if mode == "read":
     from tunekit.config.schema import DataSource
     from pathlib import Path
@@ -62,11 +62,11 @@ def make_records(path: Path, n: int, seed: int = 0, pad_words: int = 0) -> Path:
     return path
 
 
-def measured(args: list[str], env: dict) -> tuple[dict, float, float]:
+def measured(args: list[str], env: dict, model: str) -> tuple[dict, float, float]:
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, stdout=out, stderr=err, text=True,
-                                env={**os.environ, **env})
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args, model], cwd=ROOT, stdout=out, stderr=err,
+                                text=True, env={**os.environ, **env})
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         if os.waitstatus_to_exitcode(status) != 0:
@@ -82,6 +82,10 @@ def main() -> None:
     ap.add_argument("--big-gb", type=float, default=1.0, help="size of the jsonl for the reading-only row; 0 = skip")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tunekit.models.load import resolve_model_path
+
+    model = str(resolve_model_path("smollm2-135m"))  # the converted folder: a fresh cache dir must not re-convert
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tunekit-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -92,7 +96,7 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         env = {"TUNEKIT_CACHE_DIR": str(cache)}
         for run in ("first", "cached"):
-            res, rss, _ = measured(["build", str(data)], env)
+            res, rss, _ = measured(["build", str(data)], env, model)
             assert res["cached"] == (run == "cached"), res
             rows.append({"n": n, "run": run, "rss": rss, **res})
             print(f"| {n:,} | {run} | {res['seconds']:.2f} | {n / res['seconds']:,.0f} | {rss:.0f} "
@@ -109,7 +113,7 @@ def main() -> None:
         n = int(args.big_gb * 2**30 / per_record)
         make_records(big, n, pad_words=400)
         size = big.stat().st_size
-        res, rss, _ = measured(["read", str(big), str(work / "big.arrow")], {"TUNEKIT_CACHE_DIR": str(work)})
+        res, rss, _ = measured(["read", str(big), str(work / "big.arrow")], {"TUNEKIT_CACHE_DIR": str(work)}, model)
         print(f"reading only: {size / 2**30:.2f} GiB jsonl, {res['records']:,} records, {res['seconds']:.1f} s "
               f"({size / 2**20 / res['seconds']:.0f} MiB/s), peak RSS {rss:.0f} MiB")
         big.unlink()
