@@ -4,10 +4,12 @@ One run measures three settings: unpacked and packed at `--max-length` (default 
 `--long-length` (default 2048, `--long-steps` x `--long-batch`). Each path runs in its own process; we report
 training tokens/s (non-padding tokens over the training loop's wall time), the padding share of the batches,
 and the process's peak RSS (os.wait4). Data: prompt/completion records of mixed lengths (answers of 1 to 60
-words), loss on completions only in both paths. `--plain-loss` adds tunekit with `train.loss_impl=plain`.
+words), loss on completions only in both paths. `--plain-loss` adds tunekit with `train.loss_impl=plain`,
+`--checkpointing` adds tunekit with gradient checkpointing (which TRL's SFTConfig turns on by default).
 
     .venv/bin/python bench/sft_throughput.py [--model smollm2-135m] [--steps 12] [--batch 4] [--max-length 256]
         [--long-length 2048] [--long-steps 4] [--long-batch 1] [--only unpacked,packed,long] [--plain-loss]
+        [--checkpointing]
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="unpacked,packed,long")
     ap.add_argument("--plain-loss", action="store_true", help="also run tunekit with train.loss_impl=plain")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="also run tunekit with train.gradient_checkpointing=true (TRL's SFTConfig default)")
     args = ap.parse_args()
     if args.model == "smollm2-135m":  # the plain script gets the same cached folder tunekit uses
         sys.path.insert(0, str(ROOT))
@@ -110,6 +114,9 @@ def main() -> None:
             if args.plain_loss:
                 paths["tunekit sft, loss_impl=plain"] = lambda r=run, n=name: tunekit_path(
                     r, data, Path(tmp) / f"tkp-{n}", "--set", "train.loss_impl=plain")
+            if args.checkpointing:
+                paths["tunekit sft, gradient checkpointing"] = lambda r=run, n=name: tunekit_path(
+                    r, data, Path(tmp) / f"tkc-{n}", "--set", "train.gradient_checkpointing=true")
             rows = {}
             for label, fn in paths.items():
                 rows[label] = fn()
