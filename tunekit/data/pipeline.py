@@ -211,12 +211,24 @@ def _tokenize(ds: Dataset, tok, cfg: DataConfig, stats: DataStats | None, work: 
 # ---- the cache -----------------------------------------------------------------------------------------------
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model")
+
+
 def _tokenizer_identity(tok) -> str:
+    """What decides token ids: the tokenizer's files (path, size, mtime) when it was loaded from a folder, else its
+    serialised form; plus what tunekit changes in memory (chat template, added and special tokens)."""
     h = hashlib.sha256()
-    backend = getattr(tok, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
-    h.update(json.dumps([tok.chat_template, str(tok.eos_token), str(tok.pad_token), str(tok.bos_token),
-                         type(tok).__name__], default=str).encode())
+    added = sorted((int(i), str(t)) for i, t in getattr(tok, "added_tokens_decoder", {}).items())
+    h.update(json.dumps([type(tok).__name__, len(tok), tok.chat_template, str(tok.eos_token), str(tok.pad_token),
+                         str(tok.bos_token), added], default=str).encode())
+    folder = Path(str(getattr(tok, "name_or_path", "") or ""))
+    files = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()] if folder.is_dir() else []
+    if files:
+        h.update(json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode())
+    else:  # built in memory or from the hub cache by id: hash the whole tokenizer (about a second for 50k tokens)
+        backend = getattr(tok, "backend_tokenizer", None)
+        h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
     return h.hexdigest()
 
 
