@@ -174,8 +174,10 @@ class _TokenizeBatch:
 
 
 def _workers(n: int) -> int:
-    """Processes for tokenization: all cores for large data (forking costs seconds), one for small data."""
-    return max(1, min(os.cpu_count() or 1, n // 20_000))
+    """Processes for tokenization: the cores this process may use for large data (forking costs seconds), one
+    for small data."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, n // 20_000))
 
 
 def _tokenize(ds: Dataset, tok, cfg: DataConfig, stats: DataStats | None, work: Path, what: str) -> Dataset:
