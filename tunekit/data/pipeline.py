@@ -136,9 +136,23 @@ def eval_count(n: int, split: float, cap: int | None) -> int:
     return min(k, cap) if cap else k
 
 
-def apply_weights(source_of: np.ndarray, rows: np.ndarray, sources: list[DataSource], rng) -> np.ndarray:
-    """Row indices with each source repeated floor(w) times plus a seeded sample (without replacement) of
-    round(frac(w) · n) of its rows."""
+def apply_weights(examples: list, sources: list[DataSource], rng) -> list:
+    """Repeat each source floor(w) times and sample the fractional part without replacement (objects with a
+    `.source` index; `random.Random` rng). The preference stages mix their in-memory records with this."""
+    import math
+
+    out: list = []
+    for i, src in enumerate(sources):
+        own = [e for e in examples if e.source == i]
+        whole, frac = int(math.floor(src.weight)), src.weight - math.floor(src.weight)
+        out.extend(own * whole)
+        out.extend(rng.sample(own, round(frac * len(own))))
+    return out
+
+
+def weighted_rows(source_of: np.ndarray, rows: np.ndarray, sources: list[DataSource], rng) -> np.ndarray:
+    """`apply_weights` on index arrays: row indices with each source repeated floor(w) times plus a seeded
+    sample (without replacement) of round(frac(w) · n) of its rows (numpy Generator rng)."""
     import numpy as np
 
     parts = []
@@ -326,7 +340,7 @@ def _build(cfg: DataConfig, tok, seed: int, train_sources: list[DataSource], wor
         held = np.sort(order[:k])
         eval_records = records.select(held) if k else None
         pool = np.sort(order[k:])
-    train_rows = apply_weights(source_of, pool, train_sources, rng)
+    train_rows = weighted_rows(source_of, pool, train_sources, rng)
     train_rows = train_rows[rng.permutation(len(train_rows))]
     if cfg.max_samples:
         train_rows = train_rows[: cfg.max_samples]
