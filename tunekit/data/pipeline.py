@@ -211,10 +211,10 @@ def _tokenize(ds: Dataset, tok, cfg: DataConfig, stats: DataStats | None, work: 
     if stats is not None:
         stats.dropped_too_long = int(pc.sum(pc.equal(dropped, "too_long")).as_py() or 0)
         stats.dropped_no_target = int(pc.sum(pc.equal(dropped, "no_target")).as_py() or 0)
-        kept = table.filter(keep)
-        stats.truncated = int(pc.sum(kept.column("truncated")).as_py() or 0)
-        stats.train_tokens = int(pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0)
-        stats.target_tokens = int(pc.sum(kept.column("targets")).as_py() or 0)
+        # dropped rows hold no tokens and no targets, so sums over all rows need no filtered copy of the table
+        stats.truncated = int(pc.sum(pc.and_(keep, table.column("truncated"))).as_py() or 0)
+        stats.train_tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        stats.target_tokens = int(pc.sum(table.column("targets")).as_py() or 0)
     import numpy as np
 
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
