@@ -200,12 +200,15 @@ def test_packed_rows_equal_each_sequence_alone(tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.embedded
 def test_trainer_chunked_equals_plain_on_smollm2(tmp_path):
-    """The embedded SmolLM2-135M (49,152-token vocabulary, tied embeddings, 30 layers) with LoRA: same loss and
-    gradients, padded and packed. Run in float64: in fp32 the two paths' different summation orders, carried back
-    through 30 layers, already differ by ~5e-5 (relative) at layer 0, which would hide a real error."""
+    """The embedded SmolLM2-135M (49,152-token vocabulary, tied embeddings, 30 layers) with LoRA: the chunked
+    loss and its gradients equal full-logits cross-entropy, padded and packed. In float64: transformers' own
+    loss upcasts/downcasts logits to fp32 (`logits.float()`), whose rounding, carried back through 30 layers,
+    differs by ~5e-5 (relative) at layer 0 and would hide a real error; the reference here is the same
+    full-vocabulary cross-entropy in float64."""
     from tunekit.adapters import AttachContext, attach
     from tunekit.config.schema import AdapterConfig, ModelConfig
     from tunekit.models.load import load_model, load_tokenizer
+    from tunekit.training.attention import packed_attention
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="smollm2-135m", dtype="float32")
@@ -218,9 +221,18 @@ def test_trainer_chunked_equals_plain_on_smollm2(tmp_path):
     model.double().train()
     for packed in (False, True):
         batch = _batches(tok, packed)
-        num_items = int((batch["labels"][:, 1:] != -100).sum())
-        plain_loss, plain = _loss_and_grads(_trainer(model, "plain", tmp_path), model, batch, num_items)
+        labels = batch["labels"]
+        num_items = int((labels[:, 1:] != -100).sum())
+        model.zero_grad(set_to_none=True)
+        with packed_attention(model):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        assert logits.dtype == torch.float64
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                labels[:, 1:].reshape(-1), reduction="sum") / num_items
+        ref.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        del logits
         loss, grads = _loss_and_grads(_trainer(model, "chunked", tmp_path), model, batch, num_items)
-        assert abs(loss.item() - plain_loss.item()) < 1e-10, (packed, loss, plain_loss)
+        assert abs(loss.item() - ref.item()) < 1e-10, (packed, loss, ref)
         for name, g in grads.items():
-            assert (g - plain[name]).abs().max().item() < 1e-9, (packed, name)
+            assert (g - want[name]).abs().max().item() < 1e-9, (packed, name)
