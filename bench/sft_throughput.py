@@ -1,10 +1,15 @@
 """tunekit sft vs a plain TRL SFTTrainer script: same model, data, LoRA, steps; side by side in one run.
 
-Each path runs in its own process; we report training tokens/s (non-padding tokens over the training loop's
-wall time), the padding share of the batches, and the process's peak RSS (os.wait4). Data: prompt/completion
-records of mixed lengths (answers of 1 to 60 words), loss on completions only in both paths.
+One run measures three settings: unpacked and packed at `--max-length` (default 256), and packed at
+`--long-length` (default 2048, `--long-steps` x `--long-batch`). Each path runs in its own process; we report
+training tokens/s (non-padding tokens over the training loop's wall time), the padding share of the batches,
+and the process's peak RSS (os.wait4). Data: prompt/completion records of mixed lengths (answers of 1 to 60
+words), loss on completions only in both paths. `--plain-loss` adds tunekit with `train.loss_impl=plain`,
+`--checkpointing` adds tunekit with gradient checkpointing (which TRL's SFTConfig turns on by default).
 
     .venv/bin/python bench/sft_throughput.py [--model smollm2-135m] [--steps 12] [--batch 4] [--max-length 256]
+        [--long-length 2048] [--long-steps 4] [--long-batch 1] [--only unpacked,packed,long] [--plain-loss]
+        [--checkpointing]
 """
 
 from __future__ import annotations
@@ -45,15 +50,15 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[int, float, s
         return proc.returncode, usage.ru_maxrss / 1024, out.read()
 
 
-def tunekit_path(args, data: Path, out: Path) -> dict:
+def tunekit_path(args, data: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "tunekit", "sft", "--output", str(out), "--overwrite",
            "--set", f"model.name={args.model}", "--set", f"data.train={data}", "--set", "data.eval_split=0",
            "--set", f"data.max_length={args.max_length}", "--set", f"data.packing={str(args.packing).lower()}",
            "--set", "adapter.method=lora", "--set", f"adapter.r={args.r}", "--set", "adapter.dropout=0",
            "--set", f"train.max_steps={args.steps}", "--set", f"train.batch_size={args.batch}",
            "--set", "train.save_steps=0", "--set", "train.logging_steps=1", "--set", "generate.samples=0",
-           "--set", f"train.seed={args.seed}"]
-    code, peak, _ = run_measured(cmd)
+           "--set", f"train.seed={args.seed}", *extra]
+    code, peak, _ = run_measured(cmd, {"TUNEKIT_CACHE_DIR": str(out.parent / "cache")})
     if code != 0:
         raise SystemExit(f"tunekit path failed ({code})")
     card = json.loads((out / "run_card.json").read_text())
@@ -79,29 +84,56 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--long-length", type=int, default=2048)
+    ap.add_argument("--long-steps", type=int, default=4)
+    ap.add_argument("--long-batch", type=int, default=1)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--only", default="unpacked,packed,long")
+    ap.add_argument("--plain-loss", action="store_true", help="also run tunekit with train.loss_impl=plain")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="also run tunekit with train.gradient_checkpointing=true (TRL's SFTConfig default)")
     args = ap.parse_args()
     if args.model == "smollm2-135m":  # the plain script gets the same cached folder tunekit uses
         sys.path.insert(0, str(ROOT))
         from tunekit.models.load import resolve_model_path
 
         args.model = str(resolve_model_path("smollm2-135m"))
+    settings = {"unpacked": (False, args.max_length, args.steps, args.batch),
+                "packed": (True, args.max_length, args.steps, args.batch),
+                "long": (True, args.long_length, args.long_steps, args.long_batch)}
+    table = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp) / "mixed.jsonl")
-        rows = {"plain TRL SFTTrainer": trl_path(args, data, Path(tmp) / "trl"),
-                "tunekit sft": tunekit_path(args, data, Path(tmp) / "tk")}
-    print(f"\nmodel {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}, "
-          f"max_length {args.max_length}, packing={args.packing}")
-    print("| path | tokens | train s | tokens/s | padding share | peak RSS MiB |\n|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        tps = r["tokens"] / r["seconds"]
-        r["tokens_per_s"] = tps
-        print(f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {tps:.1f} | {100 * r['padding_share']:.1f}% "
-              f"| {r['peak_rss_mib']:.0f} |")
-    a, b = rows["tunekit sft"]["tokens_per_s"], rows["plain TRL SFTTrainer"]["tokens_per_s"]
-    print(f"tunekit tokens/s relative to plain TRL: {a / b:.3f}")
+        for name in args.only.split(","):
+            packing, length, steps, batch = settings[name]
+            run = argparse.Namespace(**{**vars(args), "packing": packing, "max_length": length, "steps": steps,
+                                        "batch": batch})
+            paths = {"plain TRL SFTTrainer": lambda r=run, n=name: trl_path(r, data, Path(tmp) / f"trl-{n}"),
+                     "tunekit sft": lambda r=run, n=name: tunekit_path(r, data, Path(tmp) / f"tk-{n}")}
+            if args.plain_loss:
+                paths["tunekit sft, loss_impl=plain"] = lambda r=run, n=name: tunekit_path(
+                    r, data, Path(tmp) / f"tkp-{n}", "--set", "train.loss_impl=plain")
+            if args.checkpointing:
+                paths["tunekit sft, gradient checkpointing"] = lambda r=run, n=name: tunekit_path(
+                    r, data, Path(tmp) / f"tkc-{n}", "--set", "train.gradient_checkpointing=true")
+            rows = {}
+            for label, fn in paths.items():
+                rows[label] = fn()
+                print(f"{name} {label}: {rows[label]}", file=sys.stderr, flush=True)
+            table.append((name, packing, length, steps, batch, rows))
+    print(f"\nmodel {Path(args.model).name}, LoRA r={args.r}")
+    print("| setting | path | tokens | train s | tokens/s | vs TRL | padding share | peak RSS MiB | RSS vs TRL |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for _name, packing, length, steps, batch, rows in table:
+        base = rows["plain TRL SFTTrainer"]
+        base_tps = base["tokens"] / base["seconds"]
+        for label, r in rows.items():
+            tps = r["tokens"] / r["seconds"]
+            setting = f"{'packed' if packing else 'unpacked'} {length}, {steps} x {batch}"
+            print(f"| {setting} | {label} | {r['tokens']} | {r['seconds']:.1f} | {tps:.1f} | {tps / base_tps:.2f}x "
+                  f"| {100 * r['padding_share']:.1f}% | {r['peak_rss_mib']:.0f} "
+                  f"| {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -250,6 +250,22 @@ class TrainConfig(Section):
     optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, paged_adamw_8bit, ...).")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow, trackio.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    loss_impl: Literal["chunked", "plain"] = Field(
+        "chunked", description="`chunked` = only labelled positions go through the LM head, in chunks (no "
+        "tokens x vocab fp32 logits); `plain` = transformers' own loss, for comparison."
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="`liger` = Liger's fused Triton kernels (CUDA GPU, `pip install liger-kernel`)."
+    )
+
+    @field_validator("kernels")
+    @classmethod
+    def _liger_installed(cls, v: str) -> str:
+        import importlib.util
+
+        if v == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("train.kernels: liger needs `pip install liger-kernel` (and a CUDA GPU)")
+        return v
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -1,10 +1,11 @@
 """Batch collation: right-padding, or padding-free flattening for packed rows.
 
 Padding-free: every row of the batch is concatenated into one sequence with `position_ids` restarting at 0 for
-each original example; transformers turns restarting positions into a block-diagonal causal mask (sdpa/eager)
-or varlen kernels (flash-attention), so no token attends across examples. The label of each example's first
-token is set to -100: in an unpacked batch the model's internal shift never scores it either, so per-sequence
-losses are identical to the unpacked ones.
+each original example, so no token attends across examples: in training `tunekit.training.attention` runs
+causal SDPA per sequence (memory linear in the row length); flash-attention's varlen kernels read the same
+boundaries; plain transformers forwards (sdpa/eager) turn them into a dense block-diagonal mask. The label of
+each example's first token is set to -100: in an unpacked batch the model's internal shift never scores it
+either, so per-sequence losses are identical to the unpacked ones.
 
 transformers (5.17, `masking_utils._preprocess_mask_arguments`) detects packed rows only when no KV cache exists;
 a model with `use_cache=True` (the default, also in training) creates one first and then silently attends across

@@ -28,13 +28,13 @@ class SFTStage(Stage):
         )
 
     def build_trainer(self, ctx: Context) -> Any:
-        from transformers import Trainer
-
         from tunekit.data.collate import SFTCollator
+        from tunekit.training.trainer import TunekitTrainer
 
         ctx.collator = SFTCollator(ctx.tokenizer.pad_token_id, padding_free=ctx.recipe.data.packing)
         ctx.callbacks = common.standard_callbacks(ctx.run, ctx.collator)
-        return Trainer(
+        return TunekitTrainer(
+            loss_impl=ctx.recipe.train.loss_impl, kernels=ctx.recipe.train.kernels,
             model=ctx.model,
             args=common.training_arguments(ctx.recipe, ctx.run),
             train_dataset=ctx.data.train,

@@ -1,0 +1,1 @@
+"""Training internals shared by the stages: the memory-lean LM loss, its Trainer, packed attention."""
