@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_adapters_svd import CASES, batch, load, load_4bit, train_steps
+from test_adapters_svd import adapter_config, batch, load, load_4bit, train_steps
 
 from tunekit.adapters import AttachContext, attach, load_adapter, save_adapter
 from tunekit.config.schema import AdapterConfig
@@ -21,7 +21,7 @@ METHODS = ["pissa", "milora", "lora_xs", "svft_banded", "svft_random", "svft_top
 
 
 def cfg_of(name: str) -> AdapterConfig:
-    return AdapterConfig(r=4, dropout=0.0, **CASES[name])
+    return adapter_config(name, r=4, dropout=0.0)
 
 
 def train_and_save(base_dir: Path, name: str, out: Path, seed: int = 0, steps: int = 3):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_adapters_svd import CASES, batch, load, train_steps
+from test_adapters_svd import adapter_config, batch, load, train_steps
 
 from tunekit.adapters import (
     REGISTRY,
@@ -72,7 +72,7 @@ def saved(tiny_model_dir, tmp_path_factory):
     out = {}
     for name in FOLD_CASES:
         torch.manual_seed(0)
-        cfg = AdapterConfig(r=4, dropout=0.0, **CASES[name])
+        cfg = adapter_config(name, r=4, dropout=0.0)
         model = attach(load(tiny_model_dir), cfg, AttachContext())
         train_steps(model, steps=2)
         with torch.no_grad():

@@ -49,6 +49,14 @@ CASES = {  # name -> AdapterConfig kwargs
 }
 
 
+def adapter_config(name: str, **kw) -> AdapterConfig:
+    """AdapterConfig of a CASES entry; `lora_xs_init_std` only for LoRA-XS (other methods refuse it)."""
+    case = CASES[name]
+    if case["method"] != "lora_xs":
+        kw.pop("lora_xs_init_std", None)
+    return AdapterConfig(**kw, **case)
+
+
 def expected_count(case: dict, shapes: list[tuple[int, int]], layers: int, r: int) -> int:
     """The papers' formulas, written independently of the implementation."""
     method = case["method"]
@@ -96,7 +104,7 @@ def base_logits(tiny_model_dir):
 @pytest.mark.parametrize("name", list(CASES))
 def test_init_equals_base_and_counts(name, tiny_model_dir, base_logits):
     case = CASES[name]
-    model = attach(load(tiny_model_dir), AdapterConfig(r=4, dropout=0.0, **case), AttachContext()).eval()
+    model = attach(load(tiny_model_dir), adapter_config(name, r=4, dropout=0.0), AttachContext()).eval()
     with torch.no_grad():
         diff = (model(batch()).logits - base_logits).abs().max().item()
     if case["method"] in ("lora", "dora"):
@@ -136,7 +144,7 @@ def test_meta_7b_counts_follow_formulas(name, tmp_path):
     config = AutoConfig.for_model(**MISTRAL_CONFIG)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    model = attach(model, AdapterConfig(r=16, **CASES[name]), AttachContext(meta=True))
+    model = attach(model, adapter_config(name, r=16), AttachContext(meta=True))
     assert count_trainable(model)[0] == expected_count(CASES[name], MISTRAL_SHAPES, MISTRAL_LAYERS, 16)
 
 
@@ -192,7 +200,7 @@ def train_steps(model, steps: int = 1, lr: float = 1e-2, seed: int = 0) -> None:
 @pytest.mark.parametrize("name", ["pissa", "milora", "lora_xs", "svft_plain", "svft_banded", "svft_random",
                                   "svft_top_k"])
 def test_one_step_changes_only_trainable_tensors(name, tiny_model_dir):
-    model = attach(load(tiny_model_dir), AdapterConfig(r=4, dropout=0.0, **CASES[name]), AttachContext())
+    model = attach(load(tiny_model_dir), adapter_config(name, r=4, dropout=0.0), AttachContext())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     before = _snapshot(model)
     train_steps(model)
@@ -261,7 +269,7 @@ def test_qlora_custom_adapters_init_and_step(name, tiny_model_dir):
     x = batch()
     with torch.no_grad():
         ref = load_4bit(tiny_model_dir)(x).logits
-    cfg = AdapterConfig(r=4, dropout=0.0, lora_xs_init_std=0.0, **CASES[name])
+    cfg = adapter_config(name, r=4, dropout=0.0, lora_xs_init_std=0.0)
     model = attach(load_4bit(tiny_model_dir), cfg, AttachContext(quantized=True))
     with torch.no_grad():
         assert (model(x).logits - ref).abs().max().item() < 1e-4

@@ -97,7 +97,7 @@ CASES: list[tuple[str, object]] = [
     ("sft-optim-typo", lambda w: sft(_yaml(w, "r.yaml", _recipe("train:\n  optim: adamw_torhc\n")))),
     ("sft-tracker-typo", lambda w: sft(_yaml(w, "r.yaml", _recipe("train:\n  report_to: tensorbord\n")))),
     ("sft-tracker-list-typo", lambda w: sft(_yaml(w, "r.yaml", _recipe("train:\n  report_to: [wandbb]\n")))),
-    ("sft-no-effect-full-ft", lambda w: sft(_yaml(w, "r.yaml", _recipe("adapter:\n  method: none\n  r: 8\n")))),
+    ("sft-no-effect-full-ft", lambda w: sft(_yaml(w, "r.yaml", _recipe("adapter:\n  method: none\n  svd_niter: 2\n")))),
     ("sft-no-effect-svd-niter", lambda w: sft(_yaml(w, "r.yaml", _recipe("adapter:\n  svd_niter: 2\n")))),
     ("sft-no-effect-xs-std", lambda w: sft(_yaml(w, "r.yaml", _recipe("adapter:\n  lora_xs_init_std: 0\n")))),
     ("sft-no-effect-bnb", lambda w: sft(_yaml(w, "r.yaml", _recipe("model:\n  bnb_4bit_quant_type: fp4\n")

@@ -55,6 +55,7 @@ def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import click
+        import typer._click.exceptions as typer_click_errors
 
         from tunekit.quiet import quiet_libraries
 
@@ -70,8 +71,9 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
+        except (typer.Exit, typer.Abort, typer_click_errors.ClickException, click.exceptions.Exit,
+                click.exceptions.Abort, click.ClickException):
+            raise  # typer vendors its own click (typer._click): both kinds are ordinary exits, not crashes
         except Exception as exc:
             if debug_enabled():
                 traceback.print_exc()

@@ -212,19 +212,13 @@ class AdapterConfig(Section):
 
     @model_validator(mode="after")
     def _options_of_the_method(self) -> AdapterConfig:
+        """Options only one method reads are refused elsewhere. The shared LoRA-family keys (r, alpha, dropout,
+        targets, rslora) are accepted with every method, so one recipe can switch `adapter.method` by --set."""
         m, why = self.method, f"with adapter.method {self.method}"
-        if m == "none":
-            no_effect(self, ("r", "alpha", "dropout", "targets", "rslora", "svd_niter", "lora_xs_init_std", "svft"),
-                      why + " (full fine-tuning)", "adapter.")
-            return self
         if m not in ("pissa", "lora_xs"):
             no_effect(self, ("svd_niter",), why, "adapter.")
         if m != "lora_xs":
             no_effect(self, ("lora_xs_init_std",), why, "adapter.")
-        if m != "svft":
-            no_effect(self, ("svft",), why, "adapter.")
-        else:
-            no_effect(self, ("r", "alpha", "rslora"), why + " (see adapter.svft)", "adapter.")
         if self.targets == [] or self.targets == "":
             raise ValueError("adapter.targets: empty; use `all-linear` or module names")
         return self

@@ -18,6 +18,7 @@ import torch
 from transformers import Trainer
 
 from tunekit.errors import TunekitError
+from tunekit.launch import ranks
 from tunekit.training.attention import packed_attention
 from tunekit.training.loss import chunked_cross_entropy, shift_for_next_token
 
@@ -102,7 +103,8 @@ class TunekitTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with packed_attention(model):
-            if self._parts is None or "labels" not in inputs or self.label_smoother or self.compute_loss_func:
+            if (self._parts is None or "labels" not in inputs or self.label_smoother or self.compute_loss_func
+                    or ranks.zero3_partitioned(model)):  # ZeRO-3 gathers lm_head only inside its own forward
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             decoder, head = self._parts
             labels = inputs["labels"]
