@@ -108,7 +108,8 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         tok = stage.load_tokenizer(recipe)
         data = stage.load_data(recipe, tok)
         console.print(data.summary)
-        # 3. Model and adapter.
+        # 3. Model and adapter, after the memory plan's estimate for this GPU (none on CPU).
+        _print_memory_estimate(recipe, stage.name)
         tok, model = stage.load_model(recipe, tok)
     except BaseException:
         run.release()
@@ -172,3 +173,21 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
     return common.StageResult(final, model, tok, metrics)
+
+
+def _print_memory_estimate(recipe: Recipe, stage: str) -> None:
+    """`tunekit plan`'s per-GPU peak for this run, with a warning when it exceeds the device's free memory."""
+    from tunekit.launch.plan import startup_estimate
+
+    try:
+        found = startup_estimate(recipe, stage)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
+        console.print(f"[yellow]warning: no memory estimate ({type(exc).__name__}: {exc})[/yellow]")
+        return
+    if found is None:
+        return
+    line, exceeds = found
+    console.print(f"memory plan: {line}")
+    if exceeds:
+        console.print("[yellow]warning: the estimated peak exceeds this GPU's free memory; see `tunekit plan` "
+                      "for a configuration that fits[/yellow]")
