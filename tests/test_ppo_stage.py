@@ -79,8 +79,9 @@ def test_ppo_resume_after_sigkill(tmp_path, tiny_model_dir):
     cmd = [sys.executable, "-m", "tunekit", "ppo", str(path), "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out.with_name(out.name + ".partial")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (partial / "checkpoints" / "checkpoint-4").is_dir():
+    deadline = time.time() + 900
+    # wait for the checkpoint's last file, not its folder: a kill between the two left no complete checkpoint
+    while time.time() < deadline and not (partial / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file():
         if proc.poll() is not None:
             break
         time.sleep(0.2)
