@@ -93,17 +93,18 @@ class GRPOStage(PromptStage):
         from tunekit.rewards import RewardSet
 
         data = super().load_data(recipe, tok)
-        RewardSet.from_specs(recipe.rewards).check_columns(data.counts["columns"])
+        self.rewards = RewardSet.from_specs(recipe.rewards)  # built once; the trainer reuses it
+        self.rewards.check_columns(data.counts["columns"])
         return data
 
     def build_trainer(self, ctx: Context) -> Any:
         from trl import GRPOConfig, GRPOTrainer
 
         from tunekit.generation import _vllm_usable
-        from tunekit.rewards import RewardSet, RewardTracker
+        from tunekit.rewards import RewardTracker
 
         r, g = ctx.recipe, ctx.recipe.grpo
-        rewards = RewardSet.from_specs(r.rewards)
+        rewards = self.rewards
         funcs, weights = rewards.funcs, rewards.weights
         args = common.training_arguments(
             r, ctx.run, GRPOConfig,
