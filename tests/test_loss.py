@@ -197,6 +197,33 @@ def test_packed_rows_equal_each_sequence_alone(tiny_model_dir):
         assert (got[s : e - 1] - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("loss_impl", ["chunked", "plain"])
+def test_packed_training_step_with_gradient_checkpointing(tiny_model_dir, tmp_path, loss_impl):
+    """Gradient checkpointing recomputes each layer inside the backward: a packed row's training step must run the
+    per-sequence attention there too (it crashed with CheckpointError when only the forward was wrapped), and
+    give the gradients of the step without checkpointing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = _batches(tok, packed=True)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        trainer = _trainer(model, loss_impl, tmp_path)
+        trainer.current_gradient_accumulation_steps = 1  # set by train(); the step is called directly here
+        model.zero_grad(set_to_none=True)
+        trainer.training_step(model, dict(batch))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert model.config._attn_implementation == "sdpa"  # restored after the step
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        assert (g - grads[1][name]).abs().max().item() < 1e-5, name
+
+
 @pytest.mark.slow
 @pytest.mark.embedded
 def test_trainer_chunked_equals_plain_on_smollm2(tmp_path):

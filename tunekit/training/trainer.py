@@ -119,3 +119,9 @@ class TunekitTrainer(Trainer):
                 scale //= pc.tp_size
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward and backward under the packed attention: gradient checkpointing recomputes each layer's forward
+        inside the backward, and the recomputation must run the same attention (and save the same tensors)."""
+        with packed_attention(model):
+            return super().training_step(model, inputs, num_items_in_batch)
