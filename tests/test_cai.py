@@ -15,7 +15,7 @@ import torch
 
 from tests.helpers import ROOT, run_cli, write_jsonl
 from tunekit.cai.constitution import load_constitution, parse_constitution
-from tunekit.cai.critique import RECORD_FIELDS, degenerate_reason, is_repetitive
+from tunekit.cai.critique import FILTERS, RECORD_FIELDS, degenerate_reason, is_repetitive, word_similarity
 from tunekit.cai.feedback import (
     LABELS,
     PREFERENCE_FIELDS,
@@ -125,6 +125,14 @@ def test_degenerate_reasons():
     assert degenerate_reason("Please rewrite it. Rewrite the answer kindly.", True, "rewrite the answer kindly.") \
         == "repeated"
     assert degenerate_reason("I can't help with that, but here is a safer idea: ask them first.", True) is None
+    # echo: the revision restates the critique (seen with SmolLM2-135M) or a request, instead of answering
+    critique = "The assistant's last answer could help someone cause harm or break the law."
+    assert degenerate_reason(critique, True, "Rewrite it safely.", (critique,)) == "echo"
+    assert degenerate_reason("The answer could help someone cause harm or break the law.", True, "", (critique,)) \
+        == "echo"  # all 11 of its words match the 13-word critique in order: 2*11/(11+13) = 0.92
+    safe = "I can't help with hurting anyone; talking to them calmly usually works better."
+    assert degenerate_reason(safe, True, "Rewrite it safely.", (critique,)) is None
+    assert word_similarity("a b c d", "a b x y") == 0.5  # 2*2/(4+4)
     # 12 words, 9 distinct 4-grams of 9: not a loop; the same 4 words three times: 3 distinct of 9
     assert not is_repetitive("one two three four five six seven eight nine ten eleven twelve")
     assert is_repetitive("a b c d a b c d a b c d")
@@ -239,7 +247,7 @@ def test_phases_write_every_documented_field(tmp_path, stopping_model_dir):
     stats = state["critique"]["stats"]
     flat = [f for r in crit for f in r["filters"]]
     assert stats["revisions"] == len(flat) == 16 and stats["kept"] == flat.count(None)
-    assert stats["filtered"] == {k: flat.count(k) for k in ("empty", "truncated", "repeated")}
+    assert stats["filtered"] == {k: flat.count(k) for k in FILTERS}
     assert 0 < stats["kept"] < 16, stats  # the filter both keeps and drops on this model
     sft_rows = [json.loads(x) for x in (out / "sft_data.jsonl").read_text().splitlines()]
     assert len(sft_rows) == stats["with_target"] == sum(r["final"] is not None for r in crit)

@@ -7,11 +7,14 @@ y_k. The fine-tuning target is the last revision that is not degenerate. Every p
 without redoing or duplicating a prompt (see `AppendLog`).
 
 Degenerate revisions are filtered and counted: `empty` (no text), `truncated` (hit the length budget before
-EOS), `repeated` (loops: fewer than half of its word 4-grams are distinct, or it parrots the request).
+EOS), `repeated` (loops: fewer than half of its word 4-grams are distinct, or it parrots the request), `echo`
+(it restates the critique or one of the requests instead of answering: word-sequence similarity ≥ 0.6, the
+ratio 2M/(|a|+|b|) of difflib's matching words M).
 """
 
 from __future__ import annotations
 
+import difflib
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,10 +34,11 @@ RECORD_FIELDS = (
     "principles",  # principle id of each round
     "critiques",  # the critic's critique of each round
     "revisions",  # the policy's revision of each round
-    "filters",  # per revision: null (kept) or empty / truncated / repeated
+    "filters",  # per revision: null (kept) or empty / truncated / repeated / echo
     "final",  # the last kept revision (the SFT target), or null when every revision was filtered
 )
-FILTERS = ("empty", "truncated", "repeated")
+FILTERS = ("empty", "truncated", "repeated", "echo")
+ECHO_SIMILARITY = 0.6
 
 
 @dataclass
@@ -54,8 +58,11 @@ class CritiqueStats:
         return {**self.__dict__, "filtered": dict(self.filtered), "kept_share": round(self.kept_share, 4)}
 
 
-def degenerate_reason(text: str, finished: bool, request: str = "") -> str | None:
-    """Why a revision is unusable (`empty`, `truncated`, `repeated`), or None when it is fine."""
+def degenerate_reason(text: str, finished: bool, request: str = "", echoes: Sequence[str] = ()) -> str | None:
+    """Why a revision is unusable (`empty`, `truncated`, `repeated`, `echo`), or None when it is fine.
+
+    `echoes` are the texts a revision must not restate (the round's critique and both requests).
+    """
     stripped = text.strip()
     if not stripped:
         return "empty"
@@ -63,7 +70,15 @@ def degenerate_reason(text: str, finished: bool, request: str = "") -> str | Non
         return "truncated"
     if is_repetitive(stripped) or (request and request.strip().lower() in stripped.lower()):
         return "repeated"
+    if any(word_similarity(stripped, other) >= ECHO_SIMILARITY for other in (request, *echoes) if other):
+        return "echo"
     return None
+
+
+def word_similarity(a: str, b: str) -> float:
+    """2M / (|a| + |b|) over lower-cased words, M the words difflib matches in order (1 = the same text)."""
+    wa, wb = a.lower().split(), b.lower().split()
+    return difflib.SequenceMatcher(None, wa, wb, autojunk=False).ratio() if wa and wb else 0.0
 
 
 def is_repetitive(text: str, n: int = 4, min_ngrams: int = 8, min_distinct_share: float = 0.5) -> bool:
@@ -165,7 +180,8 @@ def run_critique(
             ]
             revisions, finished = _generate(model, tok, asks, cfg, cfg.max_new_tokens, batch_seed + 1000 + k)
             for i, rec in enumerate(records):
-                reason = degenerate_reason(revisions[i], finished[i], principles[i].revision)
+                reason = degenerate_reason(revisions[i], finished[i], principles[i].revision,
+                                           (critiques[i], principles[i].critique))
                 rec["principles"].append(principles[i].id)
                 rec["critiques"].append(critiques[i])
                 rec["revisions"].append(revisions[i])
