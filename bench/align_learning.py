@@ -35,13 +35,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", nargs="+", default=["rm", "dpo", "grpo"])
     ap.add_argument("--out", default="runs/bench-align")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every stage")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="extra --set for every stage (STAGE:KEY=VALUE for one stage only)")
     args = ap.parse_args()
     out = Path(args.out)
-    extra = [a for s in args.sets for a in ("--set", s)]
     rows = []
     for stage in args.stages:
         run = out / stage
+        mine = [s.split(":", 1)[1] if s.startswith(f"{stage}:") else s for s in args.sets
+                if ":" not in s.split("=", 1)[0] or s.startswith(f"{stage}:")]
+        extra = [a for s in mine for a in ("--set", s)]
         _, train_s = tunekit(stage, f"recipes/{stage}-demo.yaml", "--output", str(run), "--overwrite", *extra)
         card = json.loads((run / "run_card.json").read_text())
         if stage == "rm":
@@ -52,6 +55,8 @@ def main() -> None:
             after, _ = tunekit("eval", str(run), "--data", str(ALIGN / "pref_eval.jsonl"))
             rows.append((stage, "log-prob accuracy", before["logprob_accuracy"], after["logprob_accuracy"], card,
                          train_s))
+            rows.append((stage, "mean log-prob margin (nats)", before["mean_logprob_margin"],
+                         after["mean_logprob_margin"], card, train_s))
             rows.append((stage, "implicit-reward accuracy", None, after["preference_accuracy"], card, train_s))
         else:
             flags = ["--data", str(ALIGN / "math_eval.jsonl"), "--reward", "math_answer", "--max-new-tokens", "48"]

@@ -36,7 +36,10 @@ def tunekit_path(stage: str, args, out: Path) -> dict:
     if code != 0:
         raise SystemExit(f"tunekit {stage} failed ({code})")
     card = json.loads((out / "run_card.json").read_text())
-    return {"seconds": card["train_loop_seconds"], "steps": card["global_step"], "peak_rss_mib": peak}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lengths = [r["completions/mean_length"] for r in rows if "completions/mean_length" in r and "eval_loss" not in r]
+    return {"seconds": card["train_loop_seconds"], "steps": card["global_step"], "peak_rss_mib": peak,
+            "completion_length": sum(lengths) / len(lengths) if lengths else None}
 
 
 def trl_path(stage: str, args, out: Path) -> dict:
@@ -68,16 +71,19 @@ def main() -> None:
 
         args.model = str(resolve_model_path("smollm2-135m"))
     print(f"model {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}")
-    print("| stage | path | s/step | peak RSS MiB |\n|---|---|---|---|")
+    print("| stage | path | s/step | mean completion tokens | peak RSS MiB |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             rows = {"plain TRL": trl_path(stage, args, Path(tmp) / f"trl-{stage}"),
                     "tunekit": tunekit_path(stage, args, Path(tmp) / f"tk-{stage}")}
             for name, r in rows.items():
                 r["s_per_step"] = r["seconds"] / r["steps"]
-                print(f"| {stage} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+                length = "—" if r.get("completion_length") is None else f"{r['completion_length']:.1f}"
+                print(f"| {stage} | {name} | {r['s_per_step']:.2f} | {length} | {r['peak_rss_mib']:.0f} |", flush=True)
             a, b = rows["tunekit"], rows["plain TRL"]
-            print(f"| {stage} | tunekit / plain | {a['s_per_step'] / b['s_per_step']:.3f} | "
+            ratio = "—" if a.get("completion_length") is None else \
+                f"{a['completion_length'] / b['completion_length']:.3f}"
+            print(f"| {stage} | tunekit / plain | {a['s_per_step'] / b['s_per_step']:.3f} | {ratio} | "
                   f"{a['peak_rss_mib'] / b['peak_rss_mib']:.3f} |", flush=True)
 
 

@@ -71,7 +71,9 @@ def main() -> None:
         trainer = GRPOTrainer(model=model, reward_funcs=[last_number_reward], args=cfg, train_dataset=data,
                               processing_class=tok, peft_config=peft, callbacks=[timer])
     trainer.train()
-    print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step}))
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step,
+                      "completion_length": sum(lengths) / len(lengths) if lengths else None}))
 
 
 if __name__ == "__main__":

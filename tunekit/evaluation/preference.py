@@ -84,9 +84,12 @@ def _pair_logps(model: Any, tok: Any, pairs: list[Any], max_length: int) -> tupl
 
 
 def logprob_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: int = 1024) -> dict[str, Any]:
-    """P[log π(y_c|x) > log π(y_r|x)]: how often the model itself finds the chosen answer likelier."""
+    """P[log π(y_c|x) > log π(y_r|x)]: how often the model itself finds the chosen answer likelier; and the mean
+    log-prob margin E[log π(y_c|x) − log π(y_r|x)] (it moves when the accuracy is at its ceiling)."""
     c, r = _pair_logps(model, tok, pairs, max_length)
-    return {"n": len(pairs), "logprob_accuracy": sum(a > b for a, b in zip(c, r)) / max(len(pairs), 1)}
+    n = max(len(pairs), 1)
+    return {"n": len(pairs), "logprob_accuracy": sum(a > b for a, b in zip(c, r)) / n,
+            "mean_logprob_margin": sum(a - b for a, b in zip(c, r)) / n}
 
 
 def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference: Any = None,
@@ -109,4 +112,5 @@ def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference:
     n = max(len(margins), 1)
     return {"n": len(pairs), "preference_accuracy": sum(m > 0 for m in margins) / n,
             "logprob_accuracy": sum(a > b for a, b in zip(pol_c, pol_r)) / n,
+            "mean_logprob_margin": sum(a - b for a, b in zip(pol_c, pol_r)) / n,
             "mean_reward_margin": sum(margins) / n, "chosen_reward": sum(r_c) / n, "rejected_reward": sum(r_r) / n}
