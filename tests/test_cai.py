@@ -267,7 +267,8 @@ def test_phases_write_every_documented_field(tmp_path, stopping_model_dir):
     # dpo trained from the folded phase-1 model, on exactly these pairs
     dpo_card = json.loads((out / "dpo" / "run_card.json").read_text())
     assert dpo_card["finished"] and dpo_card["data"]["train_pairs"] + dpo_card["data"]["eval_pairs"] == len(prefs)
-    assert (out / "sft_merged" / "config.json").is_file() and (out / "dpo" / "adapter").is_dir()
+    assert [link["path"] for link in dpo_card["chained_from"]] == [str((out / "sft").resolve())]
+    assert not (out / "sft_merged").exists() and (out / "dpo" / "adapter").is_dir()  # folded in memory
     card = json.loads((out / "run_card.json").read_text())
     assert card["stage"] == "cai" and set(card["phases"]) == {"critique", "sft", "feedback", "dpo", "eval"}
     summary = json.loads((out / "eval.json").read_text())

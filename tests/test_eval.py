@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from tests.helpers import QA, run_cli, write_jsonl
@@ -56,3 +57,27 @@ def test_offline_hub_ids_fail_cleanly(tmp_path, tiny_model_dir):
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
     res = run_cli("eval", "nobody/no-such-model", "--data", write_jsonl(tmp_path / "d.jsonl", QA[:1]))
     assert res.returncode == 2 and "cannot load model 'nobody/no-such-model'" in res.stderr
+
+
+def test_completion_logps_sum_the_completions_token_logprobs(tiny_model_dir, monkeypatch):
+    """completion_logps = Σ_{t ≥ start} log softmax(z_{t−1})[y_t] per pair, in one padded batch: on the chunked
+    head (training's token_logprobs) and on the full logits of a model the chunked head cannot take."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunekit.evaluation.preference import completion_logps, conversation_ids
+    from tunekit.training import trainer as trainer_module
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = [[{"role": "user", "content": "Capital of France?"}], [{"role": "user", "content": "Say a long thing."}]]
+    answers = [[{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "One two three four."}]]
+    want = []
+    for p, a in zip(prompts, answers):
+        ids, start = conversation_ids(tok, p, a, 1024)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+        want.append(logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)[start - 1 :].sum().item())
+    assert trainer_module.causal_lm_parts(model) is not None
+    assert completion_logps(model, tok, prompts, answers) == pytest.approx(want, abs=1e-4)
+    monkeypatch.setattr(trainer_module, "causal_lm_parts", lambda m: None)
+    assert completion_logps(model, tok, prompts, answers) == pytest.approx(want, abs=1e-4)

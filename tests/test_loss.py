@@ -169,6 +169,28 @@ def test_trainer_chunked_equals_plain_on_tiny_model(tiny_model_dir, tmp_path, me
         assert (g - plain[name]).abs().max().item() < 1e-5, name
 
 
+@pytest.mark.parametrize("zero3", [False, True])
+def test_zero3_is_decided_at_the_first_loss_only(tiny_model_dir, tmp_path, monkeypatch, zero3):
+    """Whether the chunked loss steps aside for ZeRO-3 is asked once (at the first loss, when DeepSpeed has
+    partitioned the model), not at every step; under ZeRO-3 every step takes the plain loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunekit.launch import ranks
+    from tunekit.training import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(ranks, "zero3_partitioned", lambda model: calls.append(model) or zero3)
+    if zero3:  # the chunked path must not run at all
+        monkeypatch.setattr(trainer_module, "decoder_hidden_states", lambda *a, **k: pytest.fail("chunked path"))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    trainer = _trainer(model, "chunked", tmp_path)
+    batch = _batches(tok, packed=False)
+    losses = [trainer.compute_loss(model, dict(batch)).item() for _ in range(3)]
+    assert len(calls) == 1 and trainer._parts is not None
+    assert max(losses) - min(losses) < 1e-6
+
+
 def test_packed_rows_equal_each_sequence_alone(tiny_model_dir):
     """Per-sequence attention: each packed sequence gets the token log-probs it has alone, and no dense mask."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -34,28 +34,45 @@ def conversation_ids(tok: Any, prompt: Messages, completion: Messages, max_lengt
 
 def completion_logps(model: Any, tok: Any, prompts: list[Messages], completions: list[Messages],
                      max_length: int = 1024, batch_size: int = 8) -> list[float]:
-    """Σ_t log π(y_t | x, y_<t) over each completion's tokens (its end-of-turn token included)."""
+    """Σ_t log π(y_t | x, y_<t) over each completion's tokens (its end-of-turn token included).
+
+    The per-token log-probs are training's `token_logprobs` on the decoder's hidden states (the head in chunks,
+    no batch × length × vocab logits); a model the chunked head cannot take (`causal_lm_parts` None: an adapter
+    on lm_head, logit soft-capping) gives them from its full logits.
+    """
     import torch
+
+    from tunekit.ppo.algorithm import logprobs_of
+    from tunekit.training.loss import IGNORE_INDEX, shift_for_next_token, token_logprobs
+    from tunekit.training.trainer import causal_lm_parts, decoder_hidden_states
 
     rows = [conversation_ids(tok, p, c, max_length) for p, c in zip(prompts, completions)]
     out: list[float] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.eval()
+    parts = causal_lm_parts(model)
+    dev = _device(model)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        target = torch.zeros((len(chunk), width), dtype=torch.bool)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # completion tokens only
         for j, (row, start) in enumerate(chunk):
             ids[j, : len(row)] = torch.tensor(row)
             mask[j, : len(row)] = 1
-            target[j, start : len(row)] = True
-        dev = _device(model)
+            labels[j, start : len(row)] = ids[j, start : len(row)]
+        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+        labels = labels.to(dev)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
-        out.extend((logp * target[:, 1:].to(dev)).sum(dim=1).tolist())
+            if parts is not None:
+                hidden, _ = decoder_hidden_states(model, parts[0], inputs)
+                h, y = shift_for_next_token(hidden, labels)
+                logp = token_logprobs(h, parts[1].weight, y, bias=parts[1].bias)
+            else:
+                y = labels[:, 1:]
+                logp = logprobs_of(model(**inputs).logits[:, :-1], y.clamp(min=0)) * (y != IGNORE_INDEX)
+        out.extend(logp.sum(dim=1).tolist())
     return out
 
 

@@ -4,8 +4,8 @@
     sft       SFT on (prompt, final revision) [+ helpfulness data]          → sft/       (tunekit sft)
     feedback  two samples per prompt from sft/, judged by the feedback model → pairs.jsonl, feedback.jsonl,
               (multiple-choice log-probs, k principles × both orders)          preferences.jsonl
-    dpo       DPO on the AI-feedback preferences, from sft/ folded into its → sft_merged/, dpo/ (tunekit dpo)
-              base (the start and the reference model)
+    dpo       DPO on the AI-feedback preferences, chained from sft/ (its    → dpo/       (tunekit dpo)
+              adapter folded in memory: the start and the reference model)
     eval      final vs start model on held-out prompts, judged the same way → eval.jsonl, eval.json
 
 The run directory is built phase by phase (`cai_state.json` records each phase; `run_card.json` their counts).
@@ -39,7 +39,7 @@ ARTIFACTS = {
     "critique": ("critique.jsonl", "sft_data.jsonl"),
     "sft": ("sft", "sft.partial"),
     "feedback": ("pairs.jsonl", "feedback.jsonl", "preferences.jsonl"),
-    "dpo": ("sft_merged", "dpo", "dpo.partial"),
+    "dpo": ("sft_merged", "dpo", "dpo.partial"),  # sft_merged/: the on-disk fold of runs made before chaining
     "eval": ("eval.jsonl", "eval.json"),
 }
 SHARED_SECTIONS = ("model", "data", "adapter", "train", "generate")
@@ -137,14 +137,10 @@ def sft_recipe(recipe: Recipe, out: Path) -> Recipe:
 
 
 def dpo_recipe(recipe: Recipe, out: Path) -> Recipe:
-    """Phase-2 DPO: starts from (and uses as reference) the phase-1 model, on the AI-feedback preferences."""
+    """Phase-2 DPO on the AI-feedback preferences, chained from the phase-1 run: it starts from, and uses as
+    reference, sft/ (its adapter folded into the base in memory by tunekit.models.load, as every stage chains)."""
     train = [{"path": str(out / "preferences.jsonl"), "format": "preference"}]
-    return _derive(recipe, "dpo", str(dpo_start(recipe, out)), train, out / "dpo", "dpo_overrides")
-
-
-def dpo_start(recipe: Recipe, out: Path) -> Path:
-    """The phase-1 model as one folder: sft/model (full fine-tuning) or sft_merged/ (the adapter folded in)."""
-    return out / "sft" / "model" if recipe.adapter.method == "none" else out / "sft_merged"
+    return _derive(recipe, "dpo", str(out / "sft"), train, out / "dpo", "dpo_overrides")
 
 
 def _eval_prompts(recipe: Recipe) -> list[Prompt] | None:
@@ -321,11 +317,6 @@ def phase_dpo(recipe: Recipe, run: CaiRun, constitution: Constitution, prompts: 
         raise TunekitError("phase dpo needs `tunekit dpo` (tunekit.stages.dpo), which this build lacks") from None
     sub = dpo_recipe(recipe, run.path)
     run.start("dpo", recipe)
-    start = dpo_start(recipe, run.path)
-    if not (start / "config.json").is_file():  # fold the phase-1 adapter into its base: start and reference
-        from tunekit.merge.adapters import merge_adapter
-
-        merge_adapter(None, run.path / "sft", start, overwrite=True, progress=False, log=console.print)
     path = _sub_run(run, "dpo", sub, run_dpo)
     card = json.loads((path / "run_card.json").read_text())
     return {"run": path.name, "metrics": card.get("metrics", {})}

@@ -143,6 +143,36 @@ def training_arguments(recipe: Recipe, run: RunDir, config_class: Any = None, **
     return config_class(**kwargs)
 
 
+def record_data(recipe: Recipe, convert: Any, unit: str, key: str, to_rows: Any, reference: Any) -> Any:
+    """Data step of the stages that train on records (rm, dpo: preference pairs; grpo, ppo: prompts): read and
+    split with `convert` (tunekit.data.preference), then datasets, fingerprint, summary, counts, sample prompts.
+
+    to_rows(split) -> (train rows, eval rows, extra counts, summary note); reference(record) -> its sample
+    reference. The summary counts `unit`s; counts and `extra` are keyed `train_<key>` / `eval_<key>`.
+    """
+    from datasets import Dataset
+
+    from tunekit.data.preference import fingerprint_rows, split_records
+    from tunekit.errors import TunekitError
+    from tunekit.stages.runner import StageData  # (runner imports this module)
+
+    split = split_records(recipe.data, recipe.train.seed, convert)
+    if not split.train:
+        raise TunekitError(f"no {unit} left for training (data.max_samples or weights too small)")
+    train_rows, eval_rows, more, note = to_rows(split)
+    src = ", ".join(f"{s['path']} x{s['weight']:g} -> {s['used']}" for s in split.sources)
+    return StageData(
+        Dataset.from_list(train_rows),
+        Dataset.from_list(eval_rows) if eval_rows else None,
+        fingerprint_rows(train_rows, eval_rows),
+        f"data: {len(train_rows)} train / {len(eval_rows)} eval {unit}s ({src}){note}",
+        {f"train_{key}": len(train_rows), f"eval_{key}": len(eval_rows), **more, "sources": split.sources},
+        sample_prompts=[r.prompt for r in split.eval],
+        sample_references=[reference(r) for r in split.eval],
+        extra={f"eval_{key}": split.eval},
+    )
+
+
 def standard_callbacks(run: RunDir, collator: Any) -> list:
     return [
         FiniteGuardCallback(run.path),

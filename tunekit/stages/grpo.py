@@ -20,39 +20,25 @@ from tunekit.stages import common
 from tunekit.stages.runner import Context, Stage, StageData, run_stage
 
 
+def _prompt_rows(split: Any) -> tuple[list, list, dict[str, Any], str]:
+    """Rows {prompt, every column any record has (None where a record lacks it)}, for the rewards."""
+    columns = sorted({k for rec in split.train + split.eval for k in rec.columns})
+
+    def rows(records: list[Any]) -> list[dict[str, Any]]:
+        return [{"prompt": r.prompt, **{c: r.columns.get(c) for c in columns}} for r in records]
+
+    note = f"; columns for the rewards: {', '.join(columns)}" if columns else ""
+    return rows(split.train), rows(split.eval), {"columns": columns}, note
+
+
 class PromptStage(Stage):
     """Data step of the RL stages (grpo, ppo): prompts plus every other column, for the rewards."""
 
     def load_data(self, recipe: Recipe, tok: Any) -> StageData:
-        from datasets import Dataset
+        from tunekit.data.preference import to_prompt
 
-        from tunekit.data.preference import fingerprint_rows, split_records, to_prompt
-        from tunekit.errors import TunekitError
-
-        split = split_records(recipe.data, recipe.train.seed, to_prompt)
-        if not split.train:
-            raise TunekitError("no prompt left for training (data.max_samples or weights too small)")
-        columns = sorted({k for rec in split.train + split.eval for k in rec.columns})
-
-        def rows(records: list[Any]) -> list[dict[str, Any]]:
-            return [{"prompt": r.prompt, **{c: r.columns.get(c) for c in columns}} for r in records]
-
-        train_rows, eval_rows = rows(split.train), rows(split.eval)
-        src = ", ".join(f"{s['path']} x{s['weight']:g} -> {s['used']}" for s in split.sources)
-        summary = f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts ({src})"
-        if columns:
-            summary += f"; columns for the rewards: {', '.join(columns)}"
-        return StageData(
-            Dataset.from_list(train_rows),
-            Dataset.from_list(eval_rows) if eval_rows else None,
-            fingerprint_rows(train_rows, eval_rows),
-            summary,
-            {"train_prompts": len(train_rows), "eval_prompts": len(eval_rows), "columns": columns,
-             "sources": split.sources},
-            sample_prompts=[r.prompt for r in split.eval],
-            sample_references=[r.columns.get("answer", r.columns.get("reference")) for r in split.eval],
-            extra={"eval_records": split.eval},
-        )
+        return common.record_data(recipe, to_prompt, "prompt", "prompts", _prompt_rows,
+                                  lambda r: r.columns.get("answer", r.columns.get("reference")))
 
 
 class CompletionsCallback(TrainerCallback):

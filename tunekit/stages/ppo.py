@@ -192,67 +192,11 @@ class PPORun:
         return {"eval_reward": reward}
 
 
-def _start(recipe: Recipe):
-    """Where the policy starts: (model section to load, adapter to merge into it or None). `model.name` may
-    be an sft run (or its adapter/ or model/ folder): PPO then starts from, and is anchored to, that model."""
-    from tunekit.run.locate import locate
-
-    loc = locate(recipe.model.name)
-    if loc is None or (loc.kind == "model" and loc.run_dir is None):
-        return recipe.model, None
-    if loc.model_dir is not None:
-        return recipe.model.model_copy(update={"name": str(loc.model_dir)}), None
-    if loc.base is None:
-        raise TunekitError(f"model.name: adapter '{loc.adapter_dir}' does not name its base model")
-    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
-        raise TunekitError("model.name is an adapter run: a 4/8-bit base cannot take the merged adapter; "
-                           "merge it first (`tunekit merge`) or drop load_in_4bit/8bit")
-    return recipe.model.model_copy(update={"name": loc.base.name}), loc.adapter_dir
-
-
 class PPOStage(PromptStage):
+    """The policy loads as every stage's model does: an sft run in `model.name` is folded into its base in memory
+    (tunekit.models.load), so PPO starts from, and is anchored to, that model."""
+
     name = "ppo"
-
-    def load_tokenizer(self, recipe: Recipe) -> Any:
-        from tunekit.models.load import fix_pad_token, load_tokenizer
-
-        cfg, adapter = _start(recipe)
-        self._start = (cfg, adapter)
-        if adapter is not None and (adapter / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(adapter))  # may carry tokens the sft template added
-            fix_pad_token(tok)
-            return tok
-        return load_tokenizer(cfg)
-
-    def _load_start_model(self, tok: Any) -> Any:
-        """The starting policy without the PPO adapter: the base, or the base with the sft adapter merged."""
-        from tunekit.adapters import load_adapter
-        from tunekit.models.load import load_model
-
-        cfg, adapter = self._start
-        model = load_model(cfg, tok)
-        if adapter is not None:
-            model = load_adapter(model, adapter)
-            model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        return model
-
-    def load_model(self, recipe: Recipe, tok: Any) -> tuple[Any, Any]:
-        from tunekit.adapters import AttachContext, attach, count_trainable
-
-        model = self._load_start_model(tok)
-        ctx = AttachContext(quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
-                            gradient_checkpointing=recipe.train.gradient_checkpointing,
-                            new_token_ids=getattr(model, "tunekit_new_token_ids", []))
-        model = attach(model, recipe.adapter, ctx)
-        cfg, adapter = self._start
-        if adapter is not None or cfg.name != recipe.model.name:
-            model.tunekit_chain = {"model": recipe.model.name, "base": cfg.name,
-                                   "merged_adapter": str(adapter) if adapter is not None else None}
-        trainable, total = count_trainable(model)
-        console.print(f"policy: {recipe.model.name} ({total:,} parameters; {trainable:,} trainable)")
-        return tok, model
 
     def load_data(self, recipe: Recipe, tok: Any):
         for i, spec in enumerate(recipe.rewards):  # fail before any work, not at the first rollout
@@ -267,20 +211,23 @@ class PPOStage(PromptStage):
         return data
 
     def build_trainer(self, ctx: Context) -> PPORun:
+        from functools import partial
+
+        from tunekit.models.load import load_model
         from tunekit.ppo.models import PolicyValue, Reference, ValueHead, disable_dropout, hidden_size_of
         from tunekit.ppo.trainer import PPOTrainer
 
         r, p = ctx.recipe, ctx.recipe.ppo
+        start = partial(load_model, r.model, ctx.tokenizer)  # the starting policy, without the PPO adapter
         policy = ctx.model
         disable_dropout(policy)
         if p.value_model == "separate":
-            backbone, head = _value_model(r, ctx.tokenizer, policy, lambda: self._load_start_model(ctx.tokenizer))
+            backbone, head = _value_model(r, ctx.tokenizer, policy, start)
             model = PolicyValue(policy, head, backbone)
         else:
             device = next(policy.parameters()).device
             model = PolicyValue(policy, ValueHead(hidden_size_of(policy)).to(device))
-        reference = Reference.for_policy(policy, r.adapter.method,
-                                         load_base=lambda: self._load_start_model(ctx.tokenizer))
+        reference = Reference.for_policy(policy, r.adapter.method, load_base=start)
         columns = ctx.data.counts.get("columns", [])
         reward_fn = _reward_fn(r, columns)
         records = list(ctx.data.train)

@@ -76,6 +76,7 @@ class TunekitTrainer(Trainer):
         self.loss_impl = loss_impl
         self.kernels = kernels
         self._parts = causal_lm_parts(self.model) if loss_impl == "chunked" else None
+        self._zero3: bool | None = None  # decided at the first loss: DeepSpeed partitions the model in train()
         if kernels == "liger":
             self._apply_liger()
 
@@ -102,9 +103,11 @@ class TunekitTrainer(Trainer):
         return chunked_cross_entropy(h, head.weight, y, bias=head.bias, num_items=num_items)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._zero3 is None:  # ZeRO-3 gathers lm_head only inside its own forward: the chunked loss steps aside
+            self._zero3 = ranks.zero3_partitioned(model)
         with packed_attention(model):
             if (self._parts is None or "labels" not in inputs or self.label_smoother or self.compute_loss_func
-                    or ranks.zero3_partitioned(model)):  # ZeRO-3 gathers lm_head only inside its own forward
+                    or self._zero3):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             decoder, head = self._parts
             labels = inputs["labels"]
