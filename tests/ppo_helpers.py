@@ -40,3 +40,12 @@ def build(model_dir, method="lora", seed=0):
 def vowel_reward(prompts=None, completions=None, **columns):
     """The toy reward as a registry reward (`name: python:tests.ppo_helpers:vowel_reward`)."""
     return vowel_share(prompts, completions)
+
+
+def slow_vowel_reward(prompts=None, completions=None, **columns):
+    """`vowel_reward` taking at least 0.5 s a call: a step then outlasts the polling of a test that waits for a
+    checkpoint to appear (on a loaded machine the tiny model's steps are shorter than a starved poller's naps)."""
+    import time
+
+    time.sleep(0.5)
+    return vowel_share(prompts, completions)

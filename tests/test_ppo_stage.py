@@ -76,8 +76,13 @@ def test_ppo_writes_a_complete_run(tmp_path, tiny_model_dir):
 def test_ppo_resume_after_sigkill(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     path = recipe(tmp_path, tiny_model_dir, max_steps=8, save_steps=2, save_total_limit=1)
+    slow = yaml.safe_load(path.read_text())  # checkpoint-4 lives two steps (>= 1 s) before save_total_limit drops it
+    slow["rewards"][0]["name"] = "python:tests.ppo_helpers:slow_vowel_reward"
+    path.write_text(yaml.safe_dump(slow))
     cmd = [sys.executable, "-m", "tunekit", "ppo", str(path), "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first-run.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
     partial = out.with_name(out.name + ".partial")
     deadline = time.time() + 900
     # wait for the checkpoint's last file, not its folder: a kill between the two left no complete checkpoint
@@ -87,7 +92,8 @@ def test_ppo_resume_after_sigkill(tmp_path, tiny_model_dir):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (partial / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file(), "no checkpoint before kill"
+    assert (partial / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file(), \
+        f"no checkpoint before kill (exit {proc.returncode}):\n{log.read_text()[-3000:]}"
     assert not (partial / "checkpoints" / "checkpoint-2").exists()  # save_total_limit 1
     res = run_cli("ppo", path, "--output", out, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
