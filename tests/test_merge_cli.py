@@ -168,3 +168,39 @@ def test_example_recipes_are_valid_configs():
     assert len(recipes) >= 4
     for recipe in recipes:
         assert load_config(recipe).merge_method in recipe.stem
+
+
+def test_merge_process_imports_no_training_libraries(tmp_path, tiny_model_dir):
+    """`python -m tunekit merge` loads torch and safetensors only: transformers/datasets/peft/trl cost ~100 MB of
+    RSS and seconds of start-up that a merge never uses (they are quieted when imported, see tunekit.quiet)."""
+    import subprocess
+    import sys
+
+    cfg = _write(tmp_path, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tiny_model_dir), "layer_range": [0, 2]}]}]})
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['tunekit', 'merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '--no-progress']\n"
+        "try:\n    runpy.run_module('tunekit', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('transformers', 'datasets', 'peft', 'trl', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    src, dst = SafetensorsFolder(tiny_model_dir), SafetensorsFolder(tmp_path / "out")
+    assert all(torch.equal(src.read(n), dst.read(n)) for n in dst.names())
+
+
+def test_quieted_libraries_are_quiet_when_imported_later():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom tunekit.quiet import quiet_libraries\nquiet_libraries()\n"
+        "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules\n"
+        "import datasets\nfrom transformers.utils import logging\n"
+        "print(logging.get_verbosity() == logging.ERROR, logging.is_progress_bar_enabled(),\n"
+        "      datasets.logging.get_verbosity() == datasets.logging.ERROR, datasets.is_progress_bar_enabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "True", "False"], out.stdout + out.stderr

@@ -146,3 +146,37 @@ def test_whole_tensor_methods_combine_in_row_chunks(monkeypatch):
         chunked = list(spec.merge(inputs, params, tp, 3))
         monkeypatch.setattr(methods, "CHUNK_ELEMS", 8 * 1024 * 1024)
         assert len(chunked) > 1 and torch.allclose(torch.cat(chunked), whole, atol=1e-6), name
+
+
+def test_della_streams_row_chunks_with_the_whole_tensor_masks(monkeypatch):
+    """DELLA reads row chunks only (two passes with `rescale`), draws the masks of whole-tensor pruning for a given
+    seed, and its rescale restores each task vector's whole-tensor L1 norm."""
+    from tunekit.merge import methods
+
+    monkeypatch.setattr(methods, "CHUNK_ELEMS", 600)
+    g = torch.Generator().manual_seed(0)
+    base, ft = torch.randn(90, 40, generator=g), torch.randn(90, 40, generator=g)
+    asked = []
+
+    def reader(x):
+        def read(rows):
+            asked.append(rows)
+            return x.clone() if rows is None else x[rows[0] : rows[1]].clone()
+
+        return read
+
+    inputs = methods.TensorInputs("w", (90, 40), [reader(base), reader(ft)], 0)
+    assert len(inputs.chunks()) > 1
+    tp = [{}, {"weight": 1.0, "density": 0.4, "epsilon": 0.1}]
+    seed_gen = torch.Generator().manual_seed(methods.tensor_seed(7, "w", 1, 0))
+    kept = sparsify_della(ft - base, 0.4, 0.1, seed_gen)  # whole tensor at once, same generator seed
+    for name in ("della_linear", "della"):
+        params = {**methods.METHODS[name].global_params, "rescale": False}
+        out = torch.cat(list(methods.METHODS[name].merge(inputs, params, tp, 7)))
+        assert None not in asked and torch.equal(out - base != 0, kept != 0), name
+    asked.clear()
+    params = dict(methods.METHODS["della_linear"].global_params)  # rescale: true
+    out = torch.cat(list(methods.METHODS["della_linear"].merge(inputs, params, tp, 7)))
+    assert None not in asked and len(asked) == 4 * len(inputs.chunks())  # two passes over base and model
+    assert torch.allclose(out - base, rescale_l1(ft - base, kept), atol=1e-5)
+    assert (out - base).abs().sum().item() == pytest.approx((ft - base).abs().sum().item(), rel=1e-5)

@@ -1,9 +1,9 @@
 """The streaming merge engine: validate everything, then merge tensor by tensor (row chunk by row chunk)
 to disk.
 
-Peak memory is a few float32 chunks (see `methods.CHUNK_ELEMS`) plus, for TIES, one whole tensor per model; it
-does not grow with the model. Nothing is written until every input, name, shape and parameter has been
-checked.
+Peak memory is a few float32 chunks (see `methods.CHUNK_ELEMS`) plus, for the methods that need a whole tensor (ties,
+breadcrumbs, model_stock, nuslerp, karcher, sce), one whole tensor per model; it does not grow with the model.
+Nothing is written until every input, name, shape and parameter has been checked.
 """
 
 from __future__ import annotations
@@ -401,6 +401,20 @@ def byte_progress(total: int, enabled: bool, label: str = "merging"):
     return progress, task
 
 
+def _copies_values(plan: TensorPlan, vocab: Any) -> bool:
+    """Whether the output tensor is its (only) input's values: non-float tensors and passthrough without `scale`.
+
+    Those are copied row chunk by row chunk in their own dtype and cast straight to the output dtype, with no float32
+    round trip (the same values: bf16/fp16 -> float32 is exact) and no float32 chunk in memory."""
+    if plan.spec is None:
+        return True
+    return (
+        plan.spec.name == "passthrough"
+        and plan.tensor_params[0].get("scale") is None
+        and not (vocab is not None and vocab.touches(plan))
+    )
+
+
 def merge_models(
     config: MergeConfig | str | Path,
     output: str | Path,
@@ -452,11 +466,13 @@ def merge_models(
         bar, task = byte_progress(writer.total_size, progress)
         with bar:
             for plan in plans:
-                if plan.spec is None:
+                if _copies_values(plan, vocab):
                     src, name = plan.sources[0]
-                    chunk = src.read(name)
-                    writer.write(plan.name, chunk)
-                    bar.advance(task, chunk.numel() * chunk.element_size())
+                    for rows in TensorInputs(plan.name, plan.shape, [], None).chunks():
+                        chunk = src.read(name, rows).to(torch_dtypes[plan.out_dtype])
+                        writer.write(plan.name, chunk)
+                        bar.advance(task, chunk.numel() * chunk.element_size())
+                        del chunk
                     continue
                 if vocab is not None and vocab.touches(plan):
                     readers = vocab.readers(plan)

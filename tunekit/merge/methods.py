@@ -6,9 +6,9 @@ already has the operation (`peft.utils.merge_utils.magnitude_based_pruning`,
 `calculate_majority_sign_mask`) it is reused; SLERP, the generalized task-arithmetic combination and the
 seeded DARE mask are written here because no library offers them in a chunk-streaming, reproducible form.
 
-Methods that work element by element (linear, slerp after a statistics pass, task_arithmetic, dare_*) run
-on row chunks of a tensor, so even a 150k x 4k embedding is never held in float32 as a whole; TIES needs
-the whole tensor for its magnitude top-k.
+Methods that work element by element (linear, slerp after a statistics pass, task_arithmetic, dare_*) or row by
+row (della_*: ranks within a row, plus a norms pass for `rescale`) run on row chunks of a tensor, so even a
+150k x 4k embedding is never held in float32 as a whole; TIES needs the whole tensor for its magnitude top-k.
 """
 
 from __future__ import annotations
@@ -150,6 +150,24 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
 
 
+def della_keep_mask(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """DELLA's drop mask: m ~ Bernoulli(`della_keep_probabilities`), a bool tensor shaped like `delta`.
+
+    The ranks are per row, so rows are done in chunks (the two int64 argsorts never cover the whole tensor). One
+    Bernoulli draw is taken from `generator` per entry, in row-major order (torch's CPU kernel is serial), so the mask
+    of a tensor does not depend on how its rows are split between calls sharing one generator.
+    """
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    out = torch.empty(rows.shape, dtype=torch.bool)
+    step = max(1, CHUNK_ELEMS // 4 // max(1, math.prod(rows.shape[1:])))
+    for r in range(0, rows.shape[0], step):
+        keep = torch.bernoulli(della_keep_probabilities(rows[r : r + step], density, epsilon), generator=generator)
+        out[r : r + step] = keep.to(torch.bool)
+    return out.reshape(delta.shape)
+
+
 def sparsify_della(
     delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -158,15 +176,7 @@ def sparsify_della(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    out = torch.empty_like(rows)
-    # ranks are per row, so rows are done in chunks: the two int64 argsorts never cover the whole tensor
-    step = max(1, CHUNK_ELEMS // 4 // max(1, math.prod(rows.shape[1:])))
-    for r in range(0, rows.shape[0], step):
-        part = rows[r : r + step]
-        keep = torch.bernoulli(della_keep_probabilities(part, density, epsilon), generator=generator)
-        out[r : r + step] = part * keep
-    return out.reshape(delta.shape)
+    return delta * della_keep_mask(delta, density, epsilon, generator)
 
 
 def sparsify_random(
@@ -519,12 +529,104 @@ def _merge_slerp(
             yield a
 
 
-#: sparsifications that need the whole tensor (a rank or a norm over it); DARE's Bernoulli drop streams by rows.
-_WHOLE_TENSOR_SPARSIFICATION = {"magnitude", "breadcrumbs", "della"}
+#: sparsifications that need the whole tensor (a rank over it); DARE's Bernoulli drop and DELLA (ranks within a row,
+#: see `_merge_della`) stream by rows.
+_WHOLE_TENSOR_SPARSIFICATION = {"magnitude", "breadcrumbs"}
+
+
+class _PackedMasks:
+    """Bool row-chunk masks kept at one bit per entry (numpy's packbits) between two passes over a tensor."""
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[Any, tuple[int, ...]]] = []
+
+    def append(self, mask: torch.Tensor) -> None:
+        import numpy as np
+
+        self._chunks.append((np.packbits(mask.reshape(-1).numpy()), tuple(mask.shape)))
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        import numpy as np
+
+        packed, shape = self._chunks[k]
+        bits = np.unpackbits(packed, count=math.prod(shape)).view(np.bool_)
+        return torch.from_numpy(bits).reshape(shape)
+
+
+def _merge_della(
+    inputs: TensorInputs, params: dict, tparams: list[dict], seed: int, consensus: str | None
+) -> Iterator[torch.Tensor]:
+    """DELLA (MagPrune, optional `rescale`, then task arithmetic or TIES) row chunk by row chunk.
+
+    MagPrune ranks |δ| within each row, so a chunk of whole rows is pruned exactly as in the whole tensor, and the
+    masks come from one generator per (tensor, model) consumed in row order (`della_keep_mask`): the same masks as
+    pruning the whole tensor at once. `rescale` (kept·‖δ‖₁/‖kept‖₁) needs both norms over the whole tensor, so then
+    pass 1 draws the masks (kept at one bit per entry) and sums the norms, and pass 2 re-reads the rows and applies
+    masks, scale and the combination. Peak memory is a few float32 chunks plus the bit masks.
+    """
+    b = inputs.base_index
+    assert b is not None
+    others = [i for i in range(len(inputs)) if i != b]
+    chunks = inputs.chunks()
+    density = {i: float(tparams[i]["density"]) for i in others}
+    epsilon = {i: float(tparams[i]["epsilon"]) for i in others}
+    weights = [float(tparams[i]["weight"]) for i in others]
+    gens = {i: torch.Generator().manual_seed(tensor_seed(seed, inputs.name, i, 0)) for i in others}
+    pruned = [i for i in others if 0 < density[i] < 1]  # density >= 1 keeps δ, <= 0 drops it: no mask, no rescale
+
+    def combine(base: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+        return generalized_task_arithmetic(
+            base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]),
+            lambda_=float(params["lambda"]),
+        )
+
+    def unpruned(i: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta if density[i] >= 1 else torch.zeros_like(delta)
+
+    if not (params["rescale"] and pruned):
+        for rows in chunks:
+            base = inputs.read(b, rows)
+            deltas = []
+            for i in others:
+                delta = inputs.read(i, rows).sub_(base)
+                deltas.append(delta.mul_(della_keep_mask(delta, density[i], epsilon[i], gens[i]))
+                              if i in pruned else unpruned(i, delta))
+            yield combine(base, deltas)
+        return
+    # pass 1: masks and the L1 norms of δ and of the kept entries (chunk sums in float32 as a whole-tensor sum would
+    # be for a one-chunk tensor, added up in float64)
+    masks = {i: _PackedMasks() for i in pruned}
+    l1 = {i: [0.0, 0.0] for i in pruned}
+    for rows in chunks:
+        base = inputs.read(b, rows)
+        for i in pruned:
+            mag = inputs.read(i, rows).sub_(base).abs_()
+            mask = della_keep_mask(mag, density[i], epsilon[i], gens[i])  # ranks of |δ|: the same as of δ
+            l1[i][0] += float(mag.sum())
+            l1[i][1] += float(mag.mul_(mask).sum())
+            masks[i].append(mask)
+            del mag, mask
+        del base
+    scale = {i: 1.0 if before < 1e-7 or after < 1e-7 else before / after for i, (before, after) in l1.items()}
+    # pass 2: δ' = mask ⊙ δ · scale (as `rescale_l1`), combined chunk by chunk
+    for k, rows in enumerate(chunks):
+        base = inputs.read(b, rows)
+        deltas = []
+        for i in others:
+            delta = inputs.read(i, rows).sub_(base)
+            if i in pruned:
+                delta.mul_(masks[i][k])
+                if scale[i] != 1.0:
+                    delta.mul_(scale[i])
+            deltas.append(delta if i in pruned else unpruned(i, delta))
+        yield combine(base, deltas)
 
 
 def _gta(sparsification: str | None, consensus: str | None) -> Callable[..., Iterator[torch.Tensor]]:
     def merge(inputs: TensorInputs, params: dict, tparams: list[dict], seed: int) -> Iterator[torch.Tensor]:
+        if sparsification == "della":
+            yield from _merge_della(inputs, params, tparams, seed, consensus)
+            return
         b = inputs.base_index
         assert b is not None
         others = [i for i in range(len(inputs)) if i != b]
@@ -544,9 +646,6 @@ def _gta(sparsification: str | None, consensus: str | None) -> Callable[..., Ite
                         kept = sparsify_magnitude(delta, density)
                     elif sparsification == "breadcrumbs":
                         kept = sparsify_breadcrumbs(delta, density, float(tparams[i]["gamma"]))
-                    elif sparsification == "della":
-                        gen = torch.Generator().manual_seed(tensor_seed(seed, inputs.name, i, ci))
-                        kept = sparsify_della(delta, density, float(tparams[i]["epsilon"]), gen)
                     else:
                         kept = delta
                     if rescale and sparsification is not None and kept is not delta:
