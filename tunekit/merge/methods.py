@@ -143,7 +143,11 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     arXiv:2406.11617). Rows are dim 1 of the tensor as mergekit does (1-d tensors are one row).
     """
     x = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    ranks = torch.argsort(torch.argsort(x.abs(), dim=1), dim=1).to(torch.float32) + 1
+    order = torch.argsort(x.abs(), dim=1)
+    # the rank of each entry is the inverse permutation of `order` (what a second argsort gives), by a scatter
+    positions = torch.arange(x.shape[1], dtype=order.dtype).view(1, -1, *([1] * (x.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32) + 1
+    del order, positions
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     span = (hi - lo).clamp(min=1)
     rank_norm = ((ranks - lo) / span).clamp(0, 1)
