@@ -45,8 +45,8 @@ class _QuietOnImport(importlib.abc.MetaPathFinder):
     is kept, so `__spec__.loader` and resource reading are unchanged).
     """
 
-    def __init__(self) -> None:
-        self.pending = set(_QUIETERS)
+    def __init__(self, pending: set[str]) -> None:
+        self.pending = pending  # the libraries not imported yet
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001 - importlib's protocol
         if fullname not in self.pending or path is not None:
@@ -88,6 +88,5 @@ def quiet_libraries() -> None:
         if name in sys.modules:
             _run(name)
     if not _HOOK:
-        _HOOK.append(_QuietOnImport())
-        _HOOK[0].pending = {n for n in _QUIETERS if n not in sys.modules}
+        _HOOK.append(_QuietOnImport({n for n in _QUIETERS if n not in sys.modules}))
         sys.meta_path.insert(0, _HOOK[0])

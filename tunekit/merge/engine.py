@@ -21,7 +21,7 @@ from typing import Any
 from tunekit.errors import TunekitError
 from tunekit.merge.config import ADAPTER_SUM, MergeConfig, OutputSlice, load_config
 from tunekit.merge.io import ShardedWriter, TensorInfo, normalize_dtype, parse_size
-from tunekit.merge.methods import METHODS, REQUIRED, MethodSpec, TensorInputs
+from tunekit.merge.methods import METHODS, REQUIRED, MethodSpec, TensorInputs, row_chunks
 from tunekit.merge.sources import ModelSource, open_source
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -468,7 +468,7 @@ def merge_models(
             for plan in plans:
                 if _copies_values(plan, vocab):
                     src, name = plan.sources[0]
-                    for rows in TensorInputs(plan.name, plan.shape, [], None).chunks():
+                    for rows in row_chunks(plan.shape):
                         chunk = src.read(name, rows).to(torch_dtypes[plan.out_dtype])
                         writer.write(plan.name, chunk)
                         bar.advance(task, chunk.numel() * chunk.element_size())

@@ -433,13 +433,17 @@ class TensorInputs:
         return self._readers[i](rows)
 
     def chunks(self) -> list[tuple[int, int] | None]:
-        """Row ranges covering the tensor with <= CHUNK_ELEMS elements each; [None] for 0/1-d or small
-        tensors."""
-        if len(self.shape) < 2 or math.prod(self.shape) <= CHUNK_ELEMS:
-            return [None]
-        row = math.prod(self.shape[1:])
-        step = max(1, CHUNK_ELEMS // row)
-        return [(r, min(r + step, self.shape[0])) for r in range(0, self.shape[0], step)]
+        return row_chunks(self.shape)
+
+
+def row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
+    """Row ranges covering a tensor of `shape` with <= CHUNK_ELEMS elements each; [None] for 0/1-d or small
+    tensors."""
+    if len(shape) < 2 or math.prod(shape) <= CHUNK_ELEMS:
+        return [None]
+    row = math.prod(shape[1:])
+    step = max(1, CHUNK_ELEMS // row)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
 @dataclass(frozen=True)
@@ -587,42 +591,38 @@ def _merge_della(
     def unpruned(i: int, delta: torch.Tensor) -> torch.Tensor:
         return delta if density[i] >= 1 else torch.zeros_like(delta)
 
-    if not (params["rescale"] and pruned):
+    masks: dict[int, _PackedMasks] = {}
+    scale = dict.fromkeys(pruned, 1.0)
+    if params["rescale"] and pruned:
+        # pass 1: masks and the L1 norms of δ and of the kept entries (chunk sums in float32 as a whole-tensor sum
+        # would be for a one-chunk tensor, added up in float64)
+        masks = {i: _PackedMasks() for i in pruned}
+        l1 = {i: [0.0, 0.0] for i in pruned}
         for rows in chunks:
             base = inputs.read(b, rows)
-            deltas = []
-            for i in others:
-                delta = inputs.read(i, rows).sub_(base)
-                deltas.append(delta.mul_(della_keep_mask(delta, density[i], epsilon[i], gens[i]))
-                              if i in pruned else unpruned(i, delta))
-            yield combine(base, deltas)
-        return
-    # pass 1: masks and the L1 norms of δ and of the kept entries (chunk sums in float32 as a whole-tensor sum would
-    # be for a one-chunk tensor, added up in float64)
-    masks = {i: _PackedMasks() for i in pruned}
-    l1 = {i: [0.0, 0.0] for i in pruned}
-    for rows in chunks:
-        base = inputs.read(b, rows)
-        for i in pruned:
-            mag = inputs.read(i, rows).sub_(base).abs_()
-            mask = della_keep_mask(mag, density[i], epsilon[i], gens[i])  # ranks of |δ|: the same as of δ
-            l1[i][0] += float(mag.sum())
-            l1[i][1] += float(mag.mul_(mask).sum())
-            masks[i].append(mask)
-            del mag, mask
-        del base
-    scale = {i: 1.0 if before < 1e-7 or after < 1e-7 else before / after for i, (before, after) in l1.items()}
-    # pass 2: δ' = mask ⊙ δ · scale (as `rescale_l1`), combined chunk by chunk
+            for i in pruned:
+                mag = inputs.read(i, rows).sub_(base).abs_()
+                mask = della_keep_mask(mag, density[i], epsilon[i], gens[i])  # ranks of |δ|: the same as of δ
+                l1[i][0] += float(mag.sum())
+                l1[i][1] += float(mag.mul_(mask).sum())
+                masks[i].append(mask)
+                del mag, mask
+            del base
+        scale = {i: 1.0 if before < 1e-7 or after < 1e-7 else before / after for i, (before, after) in l1.items()}
+    # δ' = mask ⊙ δ · scale (as `rescale_l1`; scale 1 without rescale), combined chunk by chunk; without rescale
+    # the masks are drawn here, in the same row order
     for k, rows in enumerate(chunks):
         base = inputs.read(b, rows)
         deltas = []
         for i in others:
             delta = inputs.read(i, rows).sub_(base)
-            if i in pruned:
-                delta.mul_(masks[i][k])
-                if scale[i] != 1.0:
-                    delta.mul_(scale[i])
-            deltas.append(delta if i in pruned else unpruned(i, delta))
+            if i not in pruned:
+                deltas.append(unpruned(i, delta))
+                continue
+            delta.mul_(masks[i][k] if masks else della_keep_mask(delta, density[i], epsilon[i], gens[i]))
+            if scale[i] != 1.0:
+                delta.mul_(scale[i])
+            deltas.append(delta)
         yield combine(base, deltas)
 
 
