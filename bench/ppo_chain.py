@@ -3,13 +3,16 @@
     python bench/ppo_chain.py [--out runs/bench-ppo] [--skip-existing]
 
 Prints (and writes OUT/summary.json) the wall time of each stage, the PPO steps, the held-out reward model
-score of the policy's greedy answers before and after PPO, the KL and the rollout/update token rates.
+score of the policy's greedy answers before and after PPO, their exact match (the chosen answer's last word, a
+number or a capital, appears as a word in the response: a reward hack shows here while the score rises), the
+held-out pairwise accuracy of the reward model, the KL and the rollout/update token rates.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +34,31 @@ def run(stage: str, recipe: str, out: Path, *sets: str) -> float:
     return time.perf_counter() - started
 
 
+def exact_match(rows: list[dict]) -> float | None:
+    """Share of greedy answers holding the chosen answer's last word (`The answer is 12.` -> 12) as a word."""
+    if not rows:
+        return None
+    hits = 0
+    for r in rows:
+        key = re.findall(r"[\w']+", r["chosen"])[-1]
+        hits += bool(re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", r["response"], flags=re.IGNORECASE))
+    return hits / len(rows)
+
+
+def held_out_answers(ppo: Path) -> dict[int, list[dict]]:
+    by_step: dict[int, list[dict]] = {}
+    path = ppo / "eval_answers.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        by_step.setdefault(row["step"], []).append(row)
+    return by_step
+
+
+def rm_accuracy(rm: Path) -> float | None:
+    card = json.loads((rm / "run_card.json").read_text())
+    return card.get("metrics", {}).get("eval_accuracy")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/bench-ppo")
@@ -48,11 +76,17 @@ def main() -> None:
     rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "reward" in r]
     m = card["metrics"]
+    answers = held_out_answers(ppo)
+    first, last = (min(answers), max(answers)) if answers else (None, None)
     summary = {
+        "rm_eval_accuracy": rm_accuracy(rm),
         "wall_seconds": {k: round(v, 1) for k, v in times.items()},
         "ppo_steps": card["global_step"],
         "eval_reward_before": m.get("eval_reward_start"),
         "eval_reward_after": m.get("eval_reward"),
+        "eval_exact_match_before": exact_match(answers.get(first, [])),
+        "eval_exact_match_after": exact_match(answers.get(last, [])) if last != first else None,
+        "eval_answers_after": [(r["prompt"], r["response"]) for r in answers.get(last, [])[:8]],
         "train_reward_first5": sum(r["reward"] for r in steps[:5]) / max(len(steps[:5]), 1),
         "train_reward_last5": sum(r["reward"] for r in steps[-5:]) / max(len(steps[-5:]), 1),
         "kl_last": steps[-1]["kl"] if steps else None,

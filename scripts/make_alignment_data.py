@@ -2,8 +2,12 @@
 
 - math_{train,eval}.jsonl (prompt-only, for grpo/ppo): one-step arithmetic word problems; `answer` holds the
   GSM8K-style solution ending in `#### N`, which the `math_answer` reward compares with.
-- pref_{train,eval}.jsonl (preference, for rm/dpo): a correct, helpful answer is chosen; a wrong one (off by a
-  small amount, another capital) or an unhelpful one (a refusal, a dodge) is rejected.
+- pref_{train,eval}.jsonl (preference, for rm/dpo/ppo): the correct answer is chosen. The rejected one is mostly a
+  hard negative in the chosen answer's own form, so that a reward model must judge correctness, not topic or
+  form: a number off by a little, a number copied from the question, the same constant for every sum, another
+  capital, the country's own name. One pair in six rejects a refusal or a dodge. Chosen and rejected are both
+  sentences ("The answer is 12.") or both bare ("12."). A reward model trained on refusals alone learned "on
+  topic" and PPO hacked it (docs/benchmarks.md, issue #9): the policy answered capitals with the country.
 """
 
 from __future__ import annotations
@@ -52,20 +56,44 @@ def math_records(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+def _rejected_kind(rng: random.Random) -> str:
+    return rng.choices(["near", "echo", "constant", "refusal"], weights=[2, 2, 1, 1])[0]
+
+
+def math_pair(rng: random.Random) -> tuple[str, str, str]:
+    q, ans, _ = word_problem(rng)
+    kind = _rejected_kind(rng)
+    operands = [int(t) for t in q.replace("?", " ").replace(".", " ").split() if t.isdigit() and int(t) != ans]
+    if kind == "echo" and operands:
+        wrong = rng.choice(operands)
+    elif kind == "constant" and ans != 4:
+        wrong = 4
+    else:
+        wrong = ans + rng.choice([-3, -2, -1, 1, 2, 3])
+    if kind == "refusal":
+        return q, f"The answer is {ans}.", rng.choice(UNHELPFUL)
+    if rng.random() < 0.5:
+        return q, f"{ans}.", f"{wrong}."
+    return q, f"The answer is {ans}.", f"The answer is {wrong}."
+
+
+def capital_pair(rng: random.Random) -> tuple[str, str, str]:
+    country = rng.choice(list(CAPITALS))
+    q = f"What is the capital of {country}?"
+    right = CAPITALS[country]
+    kind = _rejected_kind(rng)
+    if kind == "refusal":
+        return q, f"The capital of {country} is {right}.", rng.choice(UNHELPFUL)
+    wrong = country if kind in ("echo", "constant") else rng.choice([c for k, c in CAPITALS.items() if k != country])
+    if rng.random() < 0.5:
+        return q, f"{right}.", f"{wrong}."
+    return q, f"The capital of {country} is {right}.", f"The capital of {country} is {wrong}."
+
+
 def preference_records(rng: random.Random, n: int) -> list[dict]:
     out = []
     for i in range(n):
-        if i % 2 == 0:
-            q, ans, _ = word_problem(rng)
-            chosen = f"The answer is {ans}."
-            wrong = ans + rng.choice([-3, -2, -1, 1, 2, 3])
-            rejected = f"The answer is {wrong}." if rng.random() < 0.5 else rng.choice(UNHELPFUL)
-        else:
-            country = rng.choice(list(CAPITALS))
-            q = f"What is the capital of {country}?"
-            chosen = f"The capital of {country} is {CAPITALS[country]}."
-            other = rng.choice([c for k, c in CAPITALS.items() if k != country])
-            rejected = f"The capital of {country} is {other}." if rng.random() < 0.5 else rng.choice(UNHELPFUL)
+        q, chosen, rejected = (math_pair if i % 2 == 0 else capital_pair)(rng)
         out.append({"prompt": q, "chosen": chosen, "rejected": rejected})
     return out
 

@@ -70,6 +70,12 @@ def test_ppo_writes_a_complete_run(tmp_path, tiny_model_dir):
     assert card["finished"] and card["global_step"] == 3 and card["ppo"]["reference"] == "adapter off"
     assert card["metrics"]["eval_reward"] == evals[-1]["eval_reward"]
     assert {r["step"] for r in rows(out / "rollouts.jsonl")} == {1, 2, 3}
+    answers = rows(out / "eval_answers.jsonl")  # the greedy held-out answers behind eval_reward, before and after
+    assert sorted({r["step"] for r in answers}) == [0, 3] and len(answers) == 8
+    for step in (0, 3):
+        scored = [r["reward"] for r in answers if r["step"] == step]
+        assert sum(scored) / 4 == pytest.approx(next(e["eval_reward"] for e in evals if e["step"] == step), abs=1e-5)
+    assert all(set(r) >= {"prompt", "answer", "response"} for r in answers)
 
 
 @pytest.mark.slow

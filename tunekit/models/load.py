@@ -51,16 +51,52 @@ def device_type() -> str:
     return "cpu"
 
 
-def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
-    """`auto`: bf16 on CUDA GPUs that support it, else fp32 (fp16 training needs a loss scaler and loses
-    range; on CPU bf16 matmuls are slower and lossy)."""
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16): oneDNN then runs a bf16 matmul ~4x faster
+    than an fp32 one (1676 LoRA-step matmuls on SmolLM2-135M: 1.65 s vs 6.57 s on one core of our Xeon)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
+def stored_dtype(cfg: ModelConfig) -> str | None:
+    """The dtype the checkpoint's weights are stored in (config.json `dtype`/`torch_dtype`), or None."""
+    try:
+        config = load_config(cfg)
+    except TunekitError:
+        return None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(stored).removeprefix("torch.") if stored is not None else None
+
+
+def resolve_dtype(cfg: ModelConfig, frozen: bool = False) -> torch.dtype:
+    """The weights' dtype. An explicit `model.dtype` wins. `auto`:
+    - CUDA GPUs that support bf16: bf16 (fp16 training needs a loss scaler and loses range);
+    - a CPU, with `frozen` (the base weights stay fixed, an adapter trains): bf16 when the checkpoint is itself
+      stored in bf16 (nothing is lost) and the CPU multiplies bf16 natively (`cpu_has_native_bf16`). The
+      adapter's own weights stay fp32 (PEFT's `autocast_adapter_dtype`, ours likewise), as in QLoRA's recipe of a
+      16-bit frozen base under fp32 adapters (Dettmers et al., 2023). Half the weight and activation memory, and
+      ~1.8x the step rate of fp32 on such a CPU;
+    - otherwise fp32 (a CPU without bf16 units is slower in bf16; full fine-tuning keeps fp32 master weights)."""
     import torch
 
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
     if device_type() == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    if (device_type() == "cpu" and frozen and not quantized and cpu_has_native_bf16()
+            and stored_dtype(cfg) == "bfloat16"):
+        return torch.bfloat16
     return torch.float32
+
+
+def with_resolved_dtype(cfg: ModelConfig, frozen: bool) -> ModelConfig:
+    """`cfg` with `auto` replaced by what `resolve_dtype` picks, so every later load (a chained base, the
+    folded model, a reward model beside it) uses that one choice."""
+    return cfg.model_copy(update={"dtype": str(resolve_dtype(cfg, frozen)).removeprefix("torch.")})
 
 
 def _attn(cfg: ModelConfig) -> str:

@@ -12,7 +12,14 @@ from tunekit.adapters import AttachContext, attach, count_trainable, save_adapte
 from tunekit.config.load import dump_recipe
 from tunekit.config.schema import Recipe
 from tunekit.console import console
-from tunekit.models.load import build_meta_model, device_type, load_model, load_tokenizer, resolve_dtype
+from tunekit.models.load import (
+    build_meta_model,
+    device_type,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    with_resolved_dtype,
+)
 from tunekit.run.callbacks import FiniteGuardCallback, MetricsCallback, ProgressCallback
 from tunekit.run.plot import plot_loss
 from tunekit.run.rundir import RunDir, check_resume, default_output
@@ -74,7 +81,10 @@ def dry_run(recipe: Recipe) -> int:
 def load_trainable(recipe: Recipe, tok: Any = None, task: str = "causal_lm"):
     """(tokenizer, model ready to train). Tokens added by the chat template get trainable embedding rows."""
     tok = tok if tok is not None else load_tokenizer(recipe.model)
-    model = load_model(recipe.model, tok, task=task)
+    # a causal LM under an adapter keeps its base frozen; a reward model's score head trains in full
+    frozen = recipe.adapter.method != "none" and task == "causal_lm"
+    model_cfg = with_resolved_dtype(recipe.model, frozen)
+    model = load_model(model_cfg, tok, task=task)
     new_ids = getattr(model, "tunekit_new_token_ids", [])
     ctx = AttachContext(
         quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
@@ -85,7 +95,7 @@ def load_trainable(recipe: Recipe, tok: Any = None, task: str = "causal_lm"):
     model = attach(model, recipe.adapter, ctx)
     trainable, total = count_trainable(model)
     console.print(f"model: {recipe.model.name} ({total:,} parameters; {trainable:,} trainable, "
-                  f"{100 * trainable / max(total, 1):.2f}%) dtype {resolve_dtype(recipe.model)} on {device_type()}")
+                  f"{100 * trainable / max(total, 1):.2f}%) dtype {resolve_dtype(model_cfg)} on {device_type()}")
     return tok, model
 
 

@@ -100,8 +100,12 @@ class PPORun:
         out = sample(self.trainer.unwrapped.policy, self.ctx.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
                      temperature=0, batch_size=p.generation_batch_size)
         ids = [row[m.bool()].tolist() for row, m in zip(out.response_ids, out.response_mask)]
-        scores = self.reward_fn(prompts, out.texts, records, ids)
-        return float(sum(float(s) for s in scores) / len(scores))
+        scores = [float(s) for s in self.reward_fn(prompts, out.texts, records, ids)]
+        with (self.ctx.run.path / "eval_answers.jsonl").open("a") as fh:  # so a reward hack can be read, not guessed
+            for record, text, score in zip(records, out.texts, scores):
+                fh.write(json.dumps({"step": self.trainer.step_count, **record, "response": text, "reward": score},
+                                    ensure_ascii=False) + "\n")
+        return sum(scores) / len(scores)
 
     def _log(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as fh:
@@ -129,7 +133,7 @@ class PPORun:
 
     def _drop_rows_after(self, step: int) -> None:
         """A killed run may have logged steps past its last checkpoint: they are redone, so drop them."""
-        for path in (self.metrics_path, self.ctx.run.path / "rollouts.jsonl"):
+        for path in (self.metrics_path, self.ctx.run.path / "rollouts.jsonl", self.ctx.run.path / "eval_answers.jsonl"):
             if path.is_file():
                 rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
                 path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows
@@ -213,7 +217,7 @@ class PPOStage(PromptStage):
     def build_trainer(self, ctx: Context) -> PPORun:
         from functools import partial
 
-        from tunekit.models.load import load_model
+        from tunekit.models.load import load_model, with_resolved_dtype
         from tunekit.ppo.models import PolicyValue, Reference, ValueHead, disable_dropout, hidden_size_of
         from tunekit.ppo.trainer import PPOTrainer
 
@@ -221,13 +225,14 @@ class PPOStage(PromptStage):
         start = partial(load_model, r.model, ctx.tokenizer)  # the starting policy, without the PPO adapter
         policy = ctx.model
         disable_dropout(policy)
-        if p.value_model == "separate":
+        if p.value_model == "separate":  # trained in full: `auto` keeps it fp32 on a CPU
             backbone, head = _value_model(r, ctx.tokenizer, policy, start)
             model = PolicyValue(policy, head, backbone)
         else:
             device = next(policy.parameters()).device
             model = PolicyValue(policy, ValueHead(hidden_size_of(policy)).to(device))
-        reference = Reference.for_policy(policy, r.adapter.method, load_base=start)
+        frozen_copy = partial(load_model, with_resolved_dtype(r.model, r.adapter.method != "none"), ctx.tokenizer)
+        reference = Reference.for_policy(policy, r.adapter.method, load_base=frozen_copy)  # in the policy's dtype
         columns = ctx.data.counts.get("columns", [])
         reward_fn = _reward_fn(r, columns)
         records = list(ctx.data.train)
