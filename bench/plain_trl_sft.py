@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="SFTConfig's own default: bf16 autocast over fp32 weights")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -43,7 +44,7 @@ def main() -> None:
     cfg = SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch,
                     max_length=args.max_length, packing=args.packing, learning_rate=2e-4, logging_steps=1,
                     save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
-                    disable_tqdm=True, bf16=False)
+                    disable_tqdm=True, bf16=args.bf16)
     timer = Timer()
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                          peft_config=LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,

@@ -5,11 +5,12 @@ One run measures three settings: unpacked and packed at `--max-length` (default 
 training tokens/s (non-padding tokens over the training loop's wall time), the padding share of the batches,
 and the process's peak RSS (os.wait4). Data: prompt/completion records of mixed lengths (answers of 1 to 60
 words), loss on completions only in both paths. `--plain-loss` adds tunekit with `train.loss_impl=plain`,
-`--checkpointing` adds tunekit with gradient checkpointing (which TRL's SFTConfig turns on by default).
+`--checkpointing` adds tunekit with gradient checkpointing (which TRL's SFTConfig turns on by default),
+`--trl-bf16` adds TRL with `bf16=True` (SFTConfig's default; the plain row sets it off: fp32 as on any CPU).
 
     .venv/bin/python bench/sft_throughput.py [--model smollm2-135m] [--steps 12] [--batch 4] [--max-length 256]
         [--long-length 2048] [--long-steps 4] [--long-batch 1] [--only unpacked,packed,long] [--plain-loss]
-        [--checkpointing]
+        [--checkpointing] [--trl-bf16]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TRL_BF16 = "plain TRL SFTTrainer, bf16 autocast"
 WORDS = "alpha beta gamma delta river mountain cloud data model token answer quick brown fox jumps".split()
 
 
@@ -66,10 +68,11 @@ def tunekit_path(args, data: Path, out: Path, *extra: str) -> dict:
             "padding_share": card["padding_share"], "peak_rss_mib": peak}
 
 
-def trl_path(args, data: Path, out: Path) -> dict:
+def trl_path(args, data: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_sft.py"), "--model", args.model, "--data", str(data),
            "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length",
-           str(args.max_length), "--r", str(args.r), "--seed", str(args.seed)] + (["--packing"] if args.packing else [])
+           str(args.max_length), "--r", str(args.r), "--seed", str(args.seed), *extra]
+    cmd += ["--packing"] if args.packing else []
     code, peak, stdout = run_measured(cmd)
     if code != 0:
         raise SystemExit(f"plain TRL path failed ({code})")
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--plain-loss", action="store_true", help="also run tunekit with train.loss_impl=plain")
     ap.add_argument("--checkpointing", action="store_true",
                     help="also run tunekit with train.gradient_checkpointing=true (TRL's SFTConfig default)")
+    ap.add_argument("--trl-bf16", action="store_true",
+                    help="also run TRL with bf16=True (SFTConfig's default: autocast over fp32 weights)")
     args = ap.parse_args()
     if args.model == "smollm2-135m":  # the plain script gets the same cached folder tunekit uses
         sys.path.insert(0, str(ROOT))
@@ -111,6 +116,8 @@ def main() -> None:
                                         "batch": batch})
             paths = {"plain TRL SFTTrainer": lambda r=run, n=name: trl_path(r, data, Path(tmp) / f"trl-{n}"),
                      "tunekit sft": lambda r=run, n=name: tunekit_path(r, data, Path(tmp) / f"tk-{n}")}
+            if args.trl_bf16:
+                paths[TRL_BF16] = lambda r=run, n=name: trl_path(r, data, Path(tmp) / f"trlb-{n}", "--bf16")
             if args.plain_loss:
                 paths["tunekit sft, loss_impl=plain"] = lambda r=run, n=name: tunekit_path(
                     r, data, Path(tmp) / f"tkp-{n}", "--set", "train.loss_impl=plain")
@@ -122,18 +129,19 @@ def main() -> None:
                 rows[label] = fn()
                 print(f"{name} {label}: {rows[label]}", file=sys.stderr, flush=True)
             table.append((name, packing, length, steps, batch, rows))
-    print(f"\nmodel {Path(args.model).name}, LoRA r={args.r}")
+    print(f"\nmodel {Path(args.model).name}, LoRA r={args.r}; ratios are tokens/s and peak RSS against TRL fp32"
+          + (" / against TRL bf16 autocast" if args.trl_bf16 else ""))
     print("| setting | path | tokens | train s | tokens/s | vs TRL | padding share | peak RSS MiB | RSS vs TRL |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for _name, packing, length, steps, batch, rows in table:
-        base = rows["plain TRL SFTTrainer"]
-        base_tps = base["tokens"] / base["seconds"]
+        bases = [rows["plain TRL SFTTrainer"]] + ([rows[TRL_BF16]] if TRL_BF16 in rows else [])
         for label, r in rows.items():
             tps = r["tokens"] / r["seconds"]
+            speed = " / ".join(f"{tps / (b['tokens'] / b['seconds']):.2f}x" for b in bases)
+            rss = " / ".join(f"{r['peak_rss_mib'] / b['peak_rss_mib']:.2f}x" for b in bases)
             setting = f"{'packed' if packing else 'unpacked'} {length}, {steps} x {batch}"
-            print(f"| {setting} | {label} | {r['tokens']} | {r['seconds']:.1f} | {tps:.1f} | {tps / base_tps:.2f}x "
-                  f"| {100 * r['padding_share']:.1f}% | {r['peak_rss_mib']:.0f} "
-                  f"| {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x |")
+            print(f"| {setting} | {label} | {r['tokens']} | {r['seconds']:.1f} | {tps:.1f} | {speed} "
+                  f"| {100 * r['padding_share']:.1f}% | {r['peak_rss_mib']:.0f} | {rss} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tunekit.config.schema import DataConfig, DataSource
 from tunekit.console import console
 from tunekit.data.formats import to_messages
 from tunekit.data.sources import iter_source, source_files
-from tunekit.data.templates import tokenize_conversation
+from tunekit.data.templates import tokenize_conversations
 from tunekit.errors import TunekitError
 
 if TYPE_CHECKING:
@@ -177,8 +177,8 @@ class _TokenizeBatch:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "dropped": [], "truncated": [], "targets": []}
-        for msgs in batch["messages"]:
-            t = tokenize_conversation(self.tok, json.loads(msgs), self.max_length, self.train_on, self.truncation)
+        conversations = [json.loads(msgs) for msgs in batch["messages"]]
+        for t in tokenize_conversations(self.tok, conversations, self.max_length, self.train_on, self.truncation):
             out["input_ids"].append(t.input_ids)
             out["labels"].append(t.labels)
             out["dropped"].append(t.dropped or "")

@@ -118,22 +118,47 @@ def tokenize_conversation(
 
     A dropped example (too long with truncation='drop', or nothing to learn left) has `dropped` set.
     """
-    full = render(tok, messages)
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    if train_on == "all":
-        labels = list(ids)
-    else:
-        spans = assistant_char_spans(tok, messages, full)
-        labels = [-100] * len(ids)
-        for t, (s, e) in enumerate(enc["offset_mapping"]):
-            if e > s and any(a <= s < b for a, b in spans):
-                labels[t] = ids[t]
-    truncated = len(ids) > max_length
-    if truncated:
-        if truncation == "drop":
-            return Tokenized([], [], truncated, dropped="too_long")
-        ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == -100 for label in labels[1:]):
-        return Tokenized([], [], truncated, dropped="no_target")
-    return Tokenized(ids, labels, truncated)
+    return tokenize_conversations(tok, [messages], max_length, train_on, truncation)[0]
+
+
+def tokenize_conversations(
+    tok: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    max_length: int,
+    train_on: str = "assistant",
+    truncation: str = "truncate",
+) -> list[Tokenized]:
+    """`tokenize_conversation` for many conversations: the chat template renders each, then one batched call of
+    the (Rust) fast tokenizer encodes them all, offsets included; labels come from the assistant spans."""
+    texts = [render(tok, messages) for messages in conversations]
+    spans = [None if train_on == "all" else assistant_char_spans(tok, messages, full)
+             for messages, full in zip(conversations, texts)]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=train_on != "all")
+    out = []
+    for i, ids in enumerate(enc["input_ids"]):
+        labels = list(ids) if spans[i] is None else _span_labels(ids, enc["offset_mapping"][i], spans[i])
+        truncated = len(ids) > max_length
+        if truncated:
+            if truncation == "drop":
+                out.append(Tokenized([], [], truncated, dropped="too_long"))
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == -100 for label in labels[1:]):
+            out.append(Tokenized([], [], truncated, dropped="no_target"))
+            continue
+        out.append(Tokenized(list(ids), labels, truncated))
+    return out
+
+
+def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """ids where a token (non-empty, by its start character) lies in one of the sorted spans, else -100."""
+    labels = [-100] * len(ids)
+    k = 0
+    for t, (s, e) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        if k == len(spans):
+            break
+        if e > s and spans[k][0] <= s:
+            labels[t] = ids[t]
+    return labels
