@@ -77,7 +77,8 @@ class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="Hub id, local folder, or the alias `smollm2-135m`.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; `auto` = bf16 on GPUs that support it, else fp32."
+        "auto", description="Weight dtype; `auto` = bf16 on GPUs that support it; on a CPU with native bf16 (AMX, "
+        "AVX512-BF16) bf16 for a frozen base under an adapter when the checkpoint is stored in bf16; else fp32."
     )
     load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes); with an adapter = QLoRA.")
     load_in_8bit: bool = Field(False, description="Load the base in 8-bit (bitsandbytes LLM.int8).")
