@@ -89,3 +89,30 @@ def test_sft_and_ppo_run_on_bf16_base(tmp_path, bf16_model_dir):
     steps = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in steps if r.get("step") == 1 and "kl" in r)
     assert abs(first["kl"]) < 1e-3  # the reference is the policy with its (zero-initialised) adapter off
+
+
+@native
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_trl_stages_run_on_bf16_base(tmp_path, bf16_model_dir, stage):
+    """TRL's DPO and GRPO trainers under a bf16 frozen base with fp32 LoRA (TrainingArguments bf16 stays off on a
+    CPU: no autocast, the weights are already bf16): they train, and the step-0 DPO loss is log 2."""
+    if stage == "dpo":
+        rows = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": "No."} for r in QA]
+        extra = ["train.logging_steps=1"]
+    else:
+        rows = [{"prompt": f"What is {a} plus 1?", "answer": f"#### {a + 1}"} for a in range(8)]
+        extra = ["grpo.num_generations=2", "grpo.max_completion_length=4", "rewards=[{name: math_answer}]"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    sets = [f"model.name={bf16_model_dir}", f"data.train={data}", "train.max_steps=2", "train.batch_size=4",
+            "train.save_steps=0", "generate.samples=0", "adapter.r=4", "adapter.dropout=0", *extra]
+    out = tmp_path / stage
+    res = run_cli(stage, *[a for s in sets for a in ("--set", s)], "--output", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dtype torch.bfloat16" in " ".join((res.stdout + res.stderr).split())
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}
+    if stage == "dpo":
+        first = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                     if "loss" in json.loads(line))
+        assert first["loss"] == pytest.approx(0.6931, abs=2e-3)
