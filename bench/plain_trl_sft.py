@@ -35,9 +35,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="SFTConfig's own default: bf16 autocast over fp32 weights")
+    ap.add_argument("--weights-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype the model is loaded in (a user who knows to load the bf16 checkpoint as bf16)")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.weights_dtype))
     ds = load_dataset("json", data_files=args.data, split="train")
     ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
                            "completion": [{"role": "assistant", "content": r["completion"]}]})

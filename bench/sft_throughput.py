@@ -6,11 +6,12 @@ training tokens/s (non-padding tokens over the training loop's wall time), the p
 and the process's peak RSS (os.wait4). Data: prompt/completion records of mixed lengths (answers of 1 to 60
 words), loss on completions only in both paths. `--plain-loss` adds tunekit with `train.loss_impl=plain`,
 `--checkpointing` adds tunekit with gradient checkpointing (which TRL's SFTConfig turns on by default),
-`--trl-bf16` adds TRL with `bf16=True` (SFTConfig's default; the plain row sets it off: fp32 as on any CPU).
+`--trl-bf16` adds TRL with `bf16=True` (SFTConfig's default: autocast over fp32 weights; the plain row sets it
+off), `--trl-bf16-weights` TRL on the model loaded in bf16 (what `model.dtype: auto` gives tunekit here).
 
     .venv/bin/python bench/sft_throughput.py [--model smollm2-135m] [--steps 12] [--batch 4] [--max-length 256]
         [--long-length 2048] [--long-steps 4] [--long-batch 1] [--only unpacked,packed,long] [--plain-loss]
-        [--checkpointing] [--trl-bf16]
+        [--checkpointing] [--trl-bf16] [--trl-bf16-weights]
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main() -> None:
                     help="also run tunekit with train.gradient_checkpointing=true (TRL's SFTConfig default)")
     ap.add_argument("--trl-bf16", action="store_true",
                     help="also run TRL with bf16=True (SFTConfig's default: autocast over fp32 weights)")
+    ap.add_argument("--trl-bf16-weights", action="store_true",
+                    help="also run TRL on the model loaded in bf16 (fp32 LoRA by PEFT's default, no autocast)")
     args = ap.parse_args()
     if args.model == "smollm2-135m":  # the plain script gets the same cached folder tunekit uses
         sys.path.insert(0, str(ROOT))
@@ -118,6 +121,9 @@ def main() -> None:
                      "tunekit sft": lambda r=run, n=name: tunekit_path(r, data, Path(tmp) / f"tk-{n}")}
             if args.trl_bf16:
                 paths[TRL_BF16] = lambda r=run, n=name: trl_path(r, data, Path(tmp) / f"trlb-{n}", "--bf16")
+            if args.trl_bf16_weights:
+                paths["plain TRL SFTTrainer, bf16 weights"] = lambda r=run, n=name: trl_path(
+                    r, data, Path(tmp) / f"trlw-{n}", "--weights-dtype", "bfloat16")
             if args.plain_loss:
                 paths["tunekit sft, loss_impl=plain"] = lambda r=run, n=name: tunekit_path(
                     r, data, Path(tmp) / f"tkp-{n}", "--set", "train.loss_impl=plain")
