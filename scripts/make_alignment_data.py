@@ -5,11 +5,11 @@
 - pref_{train,eval}.jsonl (preference, for rm/dpo/ppo): the correct answer is chosen. The rejected one is mostly a
   hard negative in the chosen answer's own form, so that a reward model must judge correctness, not topic or
   form: a number off by a little, a number copied from the question, the same constant for every sum, another
-  capital, the country's own name, or a hedge (several answers listed, the right one among them: the second
-  PPO run hacked its reward model that way, answering sums with "38\n36\n34"). One pair in eight rejects a
-  refusal or a dodge. Chosen and rejected are both
-  sentences ("The answer is 12.") or both bare ("12."). A reward model trained on refusals alone learned "on
-  topic" and PPO hacked it (docs/benchmarks.md, issue #9): the policy answered capitals with the country.
+  capital, the country's own name, or a hedge (several answers listed, the right one among them). One pair in
+  eight rejects a refusal or a dodge. Chosen and rejected are both sentences ("The answer is 12.") or both bare
+  ("12" or "12.", the full stop drawn apart for each). Why (docs/benchmarks.md, issue #9): a reward model trained
+  against refusals learned "on topic", and PPO answered capitals with the country; one without hedges was hacked
+  by listing numbers ("38\n36\n34"); one whose hedges alone lacked a full stop scored every bare answer ~-7.
 """
 
 from __future__ import annotations
@@ -66,7 +66,13 @@ def _hedge(rng: random.Random, right: str, others: list[str]) -> str:
     """Several answers at once, the right one among them: a policy must not earn reward by listing guesses."""
     picks = rng.sample(others, k=min(len(others), rng.randint(1, 3))) + [right]
     rng.shuffle(picks)
-    return rng.choice(["\n", ", ", " or "]).join(picks)
+    return rng.choice(["\n", ", ", " or "]).join(picks) + _stop(rng)
+
+
+def _stop(rng: random.Random) -> str:
+    """A bare answer ends in a full stop or not, at random and apart for chosen and rejected: a reward model
+    that keyed on the full stop (the first hedges had none) scored every bare answer of the sft model ~-7."""
+    return rng.choice(["", "."])
 
 
 def math_pair(rng: random.Random) -> tuple[str, str, str]:
@@ -83,9 +89,9 @@ def math_pair(rng: random.Random) -> tuple[str, str, str]:
         return q, f"The answer is {ans}.", rng.choice(UNHELPFUL)
     if kind == "hedge":
         near = [str(ans + d) for d in (-3, -2, -1, 1, 2, 3, 10) if ans + d >= 0] + [str(x) for x in operands]
-        return q, f"{ans}.", _hedge(rng, str(ans), sorted(set(near) - {str(ans)}))
+        return q, f"{ans}{_stop(rng)}", _hedge(rng, str(ans), sorted(set(near) - {str(ans)}))
     if rng.random() < 0.5:
-        return q, f"{ans}.", f"{wrong}."
+        return q, f"{ans}{_stop(rng)}", f"{wrong}{_stop(rng)}"
     return q, f"The answer is {ans}.", f"The answer is {wrong}."
 
 
@@ -97,10 +103,10 @@ def capital_pair(rng: random.Random) -> tuple[str, str, str]:
     if kind == "refusal":
         return q, f"The capital of {country} is {right}.", rng.choice(UNHELPFUL)
     if kind == "hedge":
-        return q, f"{right}.", _hedge(rng, right, [country] + [c for c in CAPITALS.values() if c != right])
+        return q, f"{right}{_stop(rng)}", _hedge(rng, right, [country] + [c for c in CAPITALS.values() if c != right])
     wrong = country if kind in ("echo", "constant") else rng.choice([c for k, c in CAPITALS.items() if k != country])
     if rng.random() < 0.5:
-        return q, f"{right}.", f"{wrong}."
+        return q, f"{right}{_stop(rng)}", f"{wrong}{_stop(rng)}"
     return q, f"The capital of {country} is {right}.", f"The capital of {country} is {wrong}."
 
 
