@@ -241,7 +241,10 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end only).")
     logging_steps: int = Field(1, ge=1, description="Log loss/lr/tokens-per-s every N steps.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: 0.4-0.7x the peak memory, ~1.33x the FLOPs "
+        "(1.2-1.9x the step time on a 2-core CPU, docs/benchmarks.md)."
+    )
     optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, paged_adamw_8bit, ...).")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow, trackio.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
