@@ -78,12 +78,16 @@ def dry_run(recipe: Recipe) -> int:
     return trainable
 
 
+def base_model_config(recipe: Recipe, task: str = "causal_lm"):
+    """`recipe.model` with the dtype the trained model's base loads in (`resolve_dtype`): a causal LM under an
+    adapter keeps its base frozen; a reward model's score head, and full fine-tuning, train in full."""
+    return with_resolved_dtype(recipe.model, frozen=recipe.adapter.method != "none" and task == "causal_lm")
+
+
 def load_trainable(recipe: Recipe, tok: Any = None, task: str = "causal_lm"):
     """(tokenizer, model ready to train). Tokens added by the chat template get trainable embedding rows."""
     tok = tok if tok is not None else load_tokenizer(recipe.model)
-    # a causal LM under an adapter keeps its base frozen; a reward model's score head trains in full
-    frozen = recipe.adapter.method != "none" and task == "causal_lm"
-    model_cfg = with_resolved_dtype(recipe.model, frozen)
+    model_cfg = base_model_config(recipe, task)
     model = load_model(model_cfg, tok, task=task)
     new_ids = getattr(model, "tunekit_new_token_ids", [])
     ctx = AttachContext(

@@ -217,7 +217,7 @@ class PPOStage(PromptStage):
     def build_trainer(self, ctx: Context) -> PPORun:
         from functools import partial
 
-        from tunekit.models.load import load_model, with_resolved_dtype
+        from tunekit.models.load import load_model
         from tunekit.ppo.models import PolicyValue, Reference, ValueHead, disable_dropout, hidden_size_of
         from tunekit.ppo.trainer import PPOTrainer
 
@@ -231,7 +231,7 @@ class PPOStage(PromptStage):
         else:
             device = next(policy.parameters()).device
             model = PolicyValue(policy, ValueHead(hidden_size_of(policy)).to(device))
-        frozen_copy = partial(load_model, with_resolved_dtype(r.model, r.adapter.method != "none"), ctx.tokenizer)
+        frozen_copy = partial(load_model, common.base_model_config(r), ctx.tokenizer)
         reference = Reference.for_policy(policy, r.adapter.method, load_base=frozen_copy)  # in the policy's dtype
         columns = ctx.data.counts.get("columns", [])
         reward_fn = _reward_fn(r, columns)
