@@ -34,7 +34,7 @@ from torch import nn
 from tunekit.adapters import AdapterKind, AttachContext, fold_with_plan, register
 from tunekit.adapters import _svd as S
 from tunekit.adapters.lora import prepare_base
-from tunekit.config.schema import AdapterConfig
+from tunekit.config.schema import REWARD_MODEL_REFUSALS, AdapterConfig
 from tunekit.errors import TunekitError
 
 CONFIG = "lora_xs_config.json"
@@ -277,8 +277,7 @@ KIND = register(
         summable=summable,
         finalize=export_peft_lora,  # the summed R needs a fresh plain-LoRA export
         export_lora=lambda folder: Path(folder) / PEFT_EXPORT,
-        seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
-        "model must train and save; use lora, dora or none",
+        seq_cls_refusal=REWARD_MODEL_REFUSALS["lora_xs"],
         config_file=CONFIG,
         weights_file=WEIGHTS,
         ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),

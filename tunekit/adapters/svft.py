@@ -35,7 +35,7 @@ from torch import nn
 from tunekit.adapters import AdapterKind, AttachContext, fold_with_plan, register
 from tunekit.adapters import _svd as S
 from tunekit.adapters.lora import prepare_base
-from tunekit.config.schema import AdapterConfig, SVFTConfig
+from tunekit.config.schema import REWARD_MODEL_REFUSALS, AdapterConfig, SVFTConfig
 from tunekit.errors import TunekitError
 
 CONFIG = "svft_config.json"
@@ -321,8 +321,7 @@ KIND = register(
         summable=summable,
         export_refusal="U·M·V^T has rank up to min(d_out, d_in) (M spans all kept singular vectors), so a LoRA "
         "holding it would be as large as the weight; fold it into the base with `tunekit merge --adapter`",
-        seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
-        "model must train and save; use lora, dora or none",
+        seq_cls_refusal=REWARD_MODEL_REFUSALS["svft"],
         config_file=CONFIG,
         weights_file=WEIGHTS,
         ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),

@@ -16,7 +16,7 @@ from tunekit.cai.config import CaiConfig
 from tunekit.config.sections import Section
 from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
 from tunekit.ppo.config import PPOConfig
-from tunekit.rewards.spec import RewardSpec
+from tunekit.rewards.registry import RewardSpec
 
 DataFormat = Literal[
     "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
@@ -173,6 +173,23 @@ class SVFTConfig(Section):
         "the rest of W stays frozen. Default: all (n = min(d_out, d_in)).",
     )
     seed: int = Field(0, description="`random`: seed of the pattern (saved with the adapter).")
+
+
+_SCORE_HEAD_NOT_SAVED = ("its saved format holds only the wrapped linear layers, not the `score` head a reward "
+                         "model must train and save; use lora, dora or none")
+_PEFT_CONVERSION_FAILS = ("PEFT 0.21's conversion to a plain LoRA at save time (path_initial_model_for_weight_"
+                          "conversion) fails on the `score` head a reward model must save (KeyError 'score.weight'); "
+                          "use lora, dora or none")
+#: adapter.method -> why it cannot train a reward model (`tunekit rm`: a sequence-classification model whose
+#: `score` head trains in full); the methods not listed can. The recipe is refused when it is read; each adapter
+#: kind's registration carries the same fact (`AdapterKind.seq_cls_refusal`, checked by
+#: tests/test_adapters_registry.py).
+REWARD_MODEL_REFUSALS: dict[str, str] = {
+    "pissa": _PEFT_CONVERSION_FAILS,
+    "milora": _PEFT_CONVERSION_FAILS,
+    "lora_xs": _SCORE_HEAD_NOT_SAVED,
+    "svft": _SCORE_HEAD_NOT_SAVED,
+}
 
 
 class AdapterConfig(Section):
@@ -343,12 +360,9 @@ class Recipe(Section):
     def _sections_of_this_stage(self) -> Recipe:
         for name in sorted(self.foreign_sections() & self.model_fields_set):
             raise ValueError(foreign_section_message(name, self.stage))
-        if self.stage == "rm":
-            from tunekit.adapters import get_kind
-
-            refusal = get_kind(self.adapter.method).seq_cls_refusal
-            if refusal:
-                raise ValueError(f"adapter.method={self.adapter.method} cannot train a reward model: {refusal}")
+        if self.stage == "rm" and self.adapter.method in REWARD_MODEL_REFUSALS:
+            raise ValueError(f"adapter.method={self.adapter.method} cannot train a reward model: "
+                             f"{REWARD_MODEL_REFUSALS[self.adapter.method]}")
         if self.stage == "grpo" and not self.rewards:
             raise ValueError("tunekit grpo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
         if self.stage == "ppo" and not self.rewards:
