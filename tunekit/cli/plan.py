@@ -6,15 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tunekit.cli.common import user_errors
-
-
-def register(app: typer.Typer) -> None:
-    app.command(
-        "plan",
-        help="Will it fit? Per-GPU memory of a recipe from config.json alone (no weights read), and the fastest "
-        "configuration that fits the budget.",
-    )(plan)
+from tunekit.cli.common import one_command, user_errors
 
 
 @user_errors
@@ -46,3 +38,9 @@ def plan(
             raise TunekitError(f"nothing fits in {gpu_mem} per GPU; --apply wrote nothing")
         apply.write_text(dump_recipe(apply_to_recipe(cfg, result.recommendation.setup)), encoding="utf-8")
         typer.echo(f"wrote {apply}")
+
+
+register = one_command(
+    "plan", plan, help="Will it fit? Per-GPU memory of a recipe from config.json alone (no weights read), and the "
+    "fastest configuration that fits the budget.",
+)

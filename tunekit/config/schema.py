@@ -14,8 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tunekit.cai.config import CaiConfig
 from tunekit.config.sections import Section
-from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
-from tunekit.ppo.config import PPOConfig
+from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, PPOConfig, RMConfig
 from tunekit.rewards.registry import RewardSpec
 
 DataFormat = Literal[

@@ -112,16 +112,7 @@ class GRPOStage(PromptStage):
         watch = RewardTracker(max_completion_length=g.max_completion_length)
         completions = CompletionsCallback(ctx.run.path / "completions.jsonl", g.log_completions_steps, watch,
                                           dict(zip(rewards.names, weights)))
-        ctx.callbacks = [*common.standard_callbacks(ctx.run, None), completions]
-        trainer = GRPOTrainer(
-            model=ctx.model,
-            reward_funcs=funcs,
-            args=args,
-            train_dataset=ctx.data.train,
-            eval_dataset=ctx.data.eval,
-            processing_class=ctx.tokenizer,
-            callbacks=ctx.callbacks,
-        )
+        trainer = self.trl_trainer(ctx, GRPOTrainer, args, completions, reward_funcs=funcs)
         completions.trainer = trainer
         return trainer
 

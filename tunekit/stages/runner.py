@@ -63,6 +63,21 @@ class Stage:
         """A transformers/TRL Trainer over ctx.model and ctx.data, with ctx.callbacks attached."""
         raise NotImplementedError
 
+    def trl_trainer(self, ctx: Context, trainer_class: Any, args: Any, *callbacks: Any, **kwargs: Any) -> Any:
+        """A TRL trainer over the run: `trainer_class(model=, args=, train_dataset=, eval_dataset=,
+        processing_class=, callbacks=, **kwargs)`. The callbacks are the standard ones (progress, metrics.jsonl,
+        finite-loss guard) plus `callbacks`, kept in ctx.callbacks; TRL tokenizes with the run's tokenizer."""
+        ctx.callbacks = [*common.standard_callbacks(ctx.run, ctx.collator), *callbacks]
+        return trainer_class(
+            model=ctx.model,
+            args=args,
+            train_dataset=ctx.data.train,
+            eval_dataset=ctx.data.eval,
+            processing_class=ctx.tokenizer,
+            callbacks=ctx.callbacks,
+            **kwargs,
+        )
+
     def evaluate(self, ctx: Context, trainer: Any) -> dict[str, Any]:
         """Held-out metrics after training (default: the trainer's own evaluate on the eval split)."""
         if ctx.data.eval is None:
