@@ -12,9 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tunekit.cai.config import CaiConfig
 from tunekit.config.sections import Section
-from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, PPOConfig, RMConfig
+from tunekit.config.stages import STAGE_SECTIONS, CaiConfig, DPOConfig, GRPOConfig, PPOConfig, RMConfig
 from tunekit.rewards.registry import RewardSpec
 
 DataFormat = Literal[
