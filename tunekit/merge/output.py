@@ -25,6 +25,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
+
 def log_to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 

@@ -22,6 +22,7 @@ _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _INPUT_EMBED_RE = re.compile(r"(embed_tokens|wte|wpe|embed_in|word_embeddings|embeddings)\.weight$")
 _EMBED_RE = re.compile(r"(embed_tokens|wte|embed_in|word_embeddings|lm_head|embed_out)\.weight$")
 
+
 def layer_fraction(name: str, num_layers: int) -> float:
     """mergekit 0.1.5's gradient position: layer i of L -> i/(L-1) (1 for a single layer); every non-layer
     tensor (embeddings, final norm, lm_head) 0, as its planner (checked against mergekit's output in tests)."""
