@@ -225,7 +225,6 @@ def _other_tokenizer_model(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("bad, message", [
     ("teacher", "does not share the student's tokenizer"),
-    ("distill.lambda=0.5", "prompts without an answer"),
     ("distill.teacher=null", "needs a teacher"),
 ])
 def test_bad_distill_recipes_fail_before_work(tmp_path, tiny_model_dir, prompt_file, bad, message):
@@ -235,6 +234,27 @@ def test_bad_distill_recipes_fail_before_work(tmp_path, tiny_model_dir, prompt_f
                                     f"data.train={prompt_file}", *extra), "--output", tmp_path / "o")
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_distill_off_policy_share_needs_answers(tiny_model_dir, prompt_file, qa_file):
+    """distill.lambda < 1 uses the data's answers: prompt-only data is refused in the data step (before the
+    models load); with lambda 1 the same prompts are fine, and conversations carry their answers."""
+    from tunekit.config.load import load_recipe
+    from tunekit.errors import TunekitError
+    from tunekit.stages.distill import DistillStage
+
+    def recipe(data, share):
+        return load_recipe(None, [f"model.name={tiny_model_dir}", f"distill.teacher={tiny_model_dir}",
+                                  f"data.train={data}", f"distill.lambda={share}"], defaults={"stage": "distill"})
+
+    stage = DistillStage()
+    with pytest.raises(TunekitError, match="prompts without an answer"):
+        stage.load_data(recipe(prompt_file, 0.5), None)
+    assert stage.load_data(recipe(prompt_file, 1.0), None).counts["with_answer"] == 0
+    data = stage.load_data(recipe(qa_file, 0.5), None)
+    assert data.counts["with_answer"] == data.counts["train_prompts"] > 0
+    row = data.train[0]
+    assert row["prompt"][-1]["role"] == "user" and row["completion"] in {q["output"] for q in QA}
 
 
 @pytest.mark.parametrize("stage, sets, message", [
