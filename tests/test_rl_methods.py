@@ -206,6 +206,29 @@ def test_distill_run_mixes_on_and_off_policy_steps(tmp_path, tiny_model_dir, tin
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_distill_resume_after_sigkill_keeps_the_seeded_draws(tmp_path, tiny_model_dir, tiny_model_dir_b, qa_file):
+    """A resumed run continues from its checkpoint, and every step's on-/off-policy draw is the seeded one
+    (random.Random("seed:step") < λ), before and after the kill."""
+    import random
+
+    from tests.helpers import interrupt_after_checkpoint
+
+    out = tmp_path / "run"
+    sets = _sets(f"model.name={tiny_model_dir}", f"distill.teacher={tiny_model_dir_b}", f"data.train={qa_file}",
+                 "train.max_steps=12", "train.batch_size=2", "train.save_steps=2", "train.save_total_limit=1",
+                 "distill.max_completion_length=4", "distill.lambda=0.5", "generate.samples=0")
+    step = interrupt_after_checkpoint(["distill", *sets], out)
+    res = run_cli("distill", *sets, "--output", out, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from checkpoint-{step}" in res.stderr
+    assert json.loads((out / "run_card.json").read_text())["global_step"] == 12
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    drawn = {r["step"]: r["on_policy"] for r in rows if "on_policy" in r and "eval_loss" not in r}
+    assert set(drawn) >= set(range(step + 1, 13))
+    assert all(v == float(random.Random(f"42:{s - 1}").random() < 0.5) for s, v in drawn.items()), drawn
+
+
 # ---------------------------------------------------------------- bad recipes
 
 
