@@ -156,7 +156,8 @@ class DistillConfig(Section):
 
     teacher: str | None = Field(
         None, description="The teacher: anything tunekit loads (alias, model folder, hub id, a run directory or "
-        "adapter, folded in). It must share the student's tokenizer (checked before any work)."
+        "adapter, folded in), with the student's `model` options (dtype, 4/8-bit, attention), frozen. It must share "
+        "the student's tokenizer (checked before any work)."
     )
     lambda_: float = Field(
         1.0, ge=0, le=1, alias="lambda",

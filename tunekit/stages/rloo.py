@@ -12,7 +12,8 @@ The reference (β > 0): the start model, exactly, for every adapter method. PEFT
 milora) get TRL's frozen copy of the freshly initialised adapter ("ref") on the shared base: exact also for PiSSA
 and MiLoRA, whose base is rewritten to W_res. Full fine-tuning, LoRA-XS and SVFT get a frozen copy of the start
 model loaded by tunekit (a chained run folded in, the recipe's dtype and quantization), one more copy of the
-weights in memory: TRL would rebuild it from `config.name_or_path`, which misses a chained run's fold.
+weights in memory: TRL would rebuild it from `config.name_or_path`, which misses a chained run's fold. (LoRA-XS
+starts its R at std `adapter.lora_xs_init_std`, so its first policy differs from that copy by as little.)
 """
 
 from __future__ import annotations
