@@ -18,7 +18,9 @@ def plan(
     strategy: str = typer.Option(
         "auto", "--strategy", help="ddp|zero1|zero2|zero3|zero3_offload|fsdp2|auto (auto = the recipe's / ddp)."
     ),
-    stage: str = typer.Option(None, "--stage", help="Plan for this stage (sft, rm, dpo, grpo, ppo, cai)."),
+    stage: str = typer.Option(
+        None, "--stage", help="Plan for this stage (sft, rm, dpo, grpo, ppo, rloo, distill, cai)."
+    ),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set data.max_length=2048"),
     apply: Path = typer.Option(None, "--apply", help="Write the recommended configuration into this recipe."),
 ) -> None:

@@ -13,13 +13,22 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tunekit.config.sections import Section
-from tunekit.config.stages import STAGE_SECTIONS, CaiConfig, DPOConfig, GRPOConfig, PPOConfig, RMConfig
+from tunekit.config.stages import (
+    STAGE_SECTIONS,
+    CaiConfig,
+    DistillConfig,
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    RLOOConfig,
+    RMConfig,
+)
 from tunekit.rewards.registry import RewardSpec
 
 DataFormat = Literal[
     "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
 ]
-Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai"]
+Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai", "rloo", "distill"]
 
 
 def one_of(key: str, value: str, valid: Iterable[str]) -> str:
@@ -345,9 +354,11 @@ class Recipe(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="`tunekit dpo` (and cai's preference phase).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="`tunekit grpo` only.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="`tunekit ppo` only.")
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="`tunekit rloo` only.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="`tunekit distill` only.")
     rewards: list[RewardSpec] = Field(
         default_factory=list,
-        description="grpo/ppo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
+        description="grpo/ppo/rloo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
         "are the reward's parameters (docs/rewards.md).",
     )
     cai: CaiConfig = Field(default_factory=CaiConfig, description="Constitutional AI (`tunekit cai`).")
@@ -367,13 +378,19 @@ class Recipe(Section):
             raise ValueError("tunekit ppo needs `rewards:`, e.g. rewards: [{name: reward_model, path: runs/rm}]")
         if self.stage == "ppo" and self.train.max_steps < 1:
             raise ValueError("tunekit ppo needs train.max_steps >= 1 (PPO steps, one rollout batch each)")
-        if self.stage == "grpo":
+        if self.stage == "rloo" and not self.rewards:
+            raise ValueError("tunekit rloo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
+        if self.stage in ("grpo", "rloo"):
+            k = getattr(self, self.stage).num_generations
             rows = self.train.batch_size * self.train.grad_accum
-            if rows % self.grpo.num_generations:
+            if rows % k:
                 raise ValueError(
-                    f"grpo.num_generations ({self.grpo.num_generations}) must divide train.batch_size x "
+                    f"{self.stage}.num_generations ({k}) must divide train.batch_size x "
                     f"train.grad_accum ({rows}): each prompt's group of completions is one batch slice"
                 )
+        if self.stage == "distill" and not self.distill.teacher:
+            raise ValueError("distill.teacher: tunekit distill needs a teacher, e.g. distill: {teacher: runs/demo} "
+                             "(a model, hub id or run directory sharing the student's tokenizer)")
         return self
 
     def foreign_sections(self) -> set[str]:

@@ -1,4 +1,5 @@
-"""Recipe sections of the preference and RL stages, beside `train`: `rm:`, `dpo:`, `grpo:`, `ppo:`, `cai:`.
+"""Recipe sections of the preference and RL stages, beside `train`: `rm:`, `dpo:`, `grpo:`, `rloo:`, `distill:`,
+`ppo:`, `cai:`.
 
 Each section belongs to one stage (`STAGE_SECTIONS`); a recipe for another stage that sets it is an error that
 names the stage it belongs to. Names TRL would only reject at the first training step (DPO loss types, GRPO loss
@@ -97,6 +98,10 @@ class GRPOConfig(Section):
     )
     use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
     log_completions_steps: int = Field(10, ge=0, description="Write completions to completions.jsonl every N steps.")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="`token`: one ratio π/π_old per token (GRPO); `sequence`: GSPO (Zheng et al., 2025), "
+        "one length-normalised ratio per completion, s_i = exp(mean_t log(π/π_old)), with loss_type grpo."
+    )
 
     @field_validator("loss_type")
     @classmethod
@@ -105,6 +110,66 @@ class GRPOConfig(Section):
             raise ValueError(f"unknown GRPO loss '{v}'{_did_you_mean(v, GRPO_LOSS_TYPES)}; "
                              f"known: {', '.join(GRPO_LOSS_TYPES)}")
         return v
+
+    @model_validator(mode="after")
+    def _sequence_ratio_needs_a_sequence_loss(self) -> GRPOConfig:
+        """TRL only warns; a GSPO ratio under a token-summing loss is not GSPO's objective, so refuse it here."""
+        if self.importance_sampling_level == "sequence" and self.loss_type in SEQUENCE_LEVEL_REFUSED:
+            raise ValueError(
+                f"grpo.importance_sampling_level: sequence (GSPO) needs a per-sequence loss, and loss_type "
+                f"'{self.loss_type}' sums token terms (each completion weighted by its length); set "
+                "grpo.loss_type: grpo (GSPO's objective), sapo or luspo")
+        return self
+
+
+# Loss types whose token sums (or own sequence weights, vespo) make a sequence-level ratio something else than GSPO.
+SEQUENCE_LEVEL_REFUSED = ("dapo", "bnpo", "dr_grpo", "cispo", "vespo")
+
+
+class RLOOConfig(Section):
+    """REINFORCE Leave-One-Out (Ahmadian et al., 2024): for the k completions of a prompt,
+    A_i = r_i − (1/(k−1)) Σ_{j≠i} r_j, in a clipped sequence-level policy gradient; with β > 0 the reward is
+    r_i − β Σ_t (log π_old − log π_ref) (the KL estimate folded into the reward, as in the paper)."""
+
+    num_generations: int = Field(4, ge=2, description="k: completions sampled per prompt (the baseline uses k−1).")
+    max_completion_length: int = Field(128, ge=1, description="Token budget of each completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(0.05, ge=0, description="KL penalty in the reward (0 = no reference model).")
+    epsilon: float = Field(0.2, gt=0, description="Clip range ε of the sequence ratio π/π_old.")
+    num_iterations: int = Field(1, ge=1, description="Policy updates per batch of generations (μ).")
+    normalize_advantages: bool = Field(False, description="Scale advantages to mean 0, std 1 over the batch.")
+    mask_truncated_completions: bool = Field(
+        False, description="Exclude completions cut at max_completion_length from the loss (DAPO)."
+    )
+    use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
+    log_completions_steps: int = Field(10, ge=0, description="Write completions to completions.jsonl every N steps.")
+
+
+class DistillConfig(Section):
+    """On-policy distillation (Agarwal et al., 2024, GKD): on a share λ of the batches the student answers the
+    prompts itself, else the data's answers are used; the loss is the generalised JSD per completion token,
+    JSD_β = β KL(p_T ‖ m) + (1−β) KL(p_S ‖ m), m = β p_T + (1−β) p_S (β = 0: forward KL(p_T ‖ p_S),
+    β = 1: reverse KL(p_S ‖ p_T))."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    teacher: str | None = Field(
+        None, description="The teacher: anything tunekit loads (alias, model folder, hub id, a run directory or "
+        "adapter, folded in), with the student's `model` options (dtype, 4/8-bit, attention), frozen. It must share "
+        "the student's tokenizer (checked before any work)."
+    )
+    lambda_: float = Field(
+        1.0, ge=0, le=1, alias="lambda",
+        description="λ: share of batches the student generates itself (on-policy); the rest use the data's "
+        "answers (supervised KD, needs conversations or prompt/completion records).",
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="β of the generalised JSD: 0 forward KL, 1 reverse KL.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampling and of both distributions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's own answers.")
+    max_completion_length: int = Field(128, ge=1, description="Token budget of each completion.")
+    use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
 
 
 class PPOConfig(Section):
@@ -226,4 +291,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "grpo": ("grpo", "rewards"),
     "ppo": ("ppo", "rewards"),
     "cai": ("cai", "dpo"),
+    "rloo": ("rloo", "rewards"),
+    "distill": ("distill",),
 }
