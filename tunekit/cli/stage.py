@@ -86,6 +86,12 @@ STAGES: dict[str, tuple[str, str]] = {
              "tunekit.stages.grpo:run_grpo"),
     "ppo": ("RLHF with PPO: a reward model (`tunekit rm` run) and/or verifiable rewards, per-token KL to the "
             "reference, GAE, clipped policy and value losses.", "tunekit.stages.ppo:run_ppo"),
+    "kto": ("KTO on unpaired feedback (prompt, completion, label: true|false) or split preference pairs; reference "
+            "= the start model.", "tunekit.stages.kto:run_kto"),
+    "orpo": ("ORPO on preference pairs: SFT and alignment in one stage from the base model, no reference model.",
+             "tunekit.stages.orpo:run_orpo"),
+    "simpo": ("SimPO (or CPO with simpo.variant: cpo) on preference pairs: reference-free, length-normalised "
+              "rewards.", "tunekit.stages.simpo:run_simpo"),
 }
 
 
