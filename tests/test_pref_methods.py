@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -132,8 +133,9 @@ def test_pair_batches_label_exactly_the_answer_tokens(tmp_path, tiny_model_dir, 
     tok = ctx.tokenizer
     b = batch["input_ids"].shape[0] // 2
     for i in range(b):
-        chosen = tok.decode(batch["labels"][i][batch["labels"][i] != -100])
-        rejected = tok.decode(batch["labels"][b + i][batch["labels"][b + i] != -100])
+        # the answer with its end-of-turn token (and the template's newline after it), as `tunekit eval` scores it
+        chosen = tok.decode(batch["labels"][i][batch["labels"][i] != -100]).rstrip("\n")
+        rejected = tok.decode(batch["labels"][b + i][batch["labels"][b + i] != -100]).rstrip("\n")
         assert chosen.endswith("<|im_end|>") and chosen.removesuffix("<|im_end|>").strip().isdigit()
         assert rejected.removesuffix("<|im_end|>").endswith("maybe not")
     assert (n_r > n_c).all()
@@ -191,7 +193,7 @@ def test_the_plain_head_gives_the_same_pairwise_loss(tmp_path, tiny_model_dir, p
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()
-        grads.append((float(loss), torch.cat([p.grad.flatten() for n, p in trainer.model.named_parameters()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for n, p in trainer.model.named_parameters()
                                               if p.grad is not None])))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
@@ -234,7 +236,7 @@ def test_unpaired_records_and_pairs_split_into_feedback():
 def test_unpaired_format_errors_name_file_and_line(record, message):
     from tunekit.data.preference import to_feedback
 
-    with pytest.raises(TunekitError, match="^" + message.replace("(", r"\(").replace("?", r"\?")):
+    with pytest.raises(TunekitError, match="^" + re.escape(message)):
         to_feedback(record, "auto", "f.jsonl:7")
 
 
