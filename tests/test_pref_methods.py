@@ -246,7 +246,7 @@ def test_kto_weight_advice_follows_the_paper():
     assert weight_advice(100, 100, 1.0, 1.0) is None
     assert weight_advice(120, 100, 1.0, 1.0) is None  # λ_D n_D / λ_U n_U = 1.2 in [1, 4/3]
     advice = weight_advice(100, 300, 1.0, 1.0)
-    assert advice and "[3.00, 4.00]" in advice
+    assert advice and "desirable_weight in [3.00, 4.00]" in advice and "undesirable_weight in [0.25, 0.33]" in advice
     assert weight_advice(100, 300, 3.5, 1.0) is None
 
 
@@ -293,30 +293,55 @@ def _sets(model_dir, data, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, extra", [("kto", []), ("orpo", []), ("simpo", []), ("simpo", ["simpo.variant=cpo"])],
-                         ids=["kto", "orpo", "simpo", "cpo"])
-def test_each_command_runs_saves_and_evaluates(tmp_path, tiny_model_dir, pref_file, stage, extra):
-    out = tmp_path / stage
-    res = run_cli(stage, *_sets(tiny_model_dir, pref_file, *extra), "--output", out)
+def test_kto_command_on_unpaired_data(tmp_path, tiny_model_dir, unpaired_file, pref_file):
+    """`tunekit kto` on imbalanced unpaired feedback: the paper's weight advice, a run dir, `tunekit eval`."""
+    out = tmp_path / "kto"
+    res = run_cli("kto", *_sets(tiny_model_dir, unpaired_file), "--output", out)
     assert res.returncode == 0, res.stderr
+    text = " ".join((res.stderr + res.stdout).split())
+    assert "desirable vs" in text and "advises 1 to 4/3" in text and "(but NOT BOTH)" not in text  # ours, once
     for name in ("recipe.yaml", "run_card.json", "metrics.jsonl", "loss.png", "samples.jsonl",
                  "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     card = json.loads((out / "run_card.json").read_text())
-    assert card["stage"] == stage and card["global_step"] == 2
-    assert "held-out preference accuracy" in res.stderr + res.stdout
+    assert card["stage"] == "kto" and card["global_step"] == 2 and card["data"]["train_undesirable"] > 0
     ev = run_cli("eval", out, "--data", pref_file)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert result["stage"] == stage and 0 <= result["preference_accuracy"] <= 1
+    assert result["stage"] == "kto" and 0 <= result["preference_accuracy"] <= 1
 
 
 @pytest.mark.slow
-def test_kto_on_imbalanced_unpaired_data_prints_the_papers_advice(tmp_path, tiny_model_dir, unpaired_file):
-    res = run_cli("kto", *_sets(tiny_model_dir, unpaired_file, "generate.samples=0"), "--output", tmp_path / "k")
+def test_simpo_command_reports_held_out_preference_accuracy(tmp_path, tiny_model_dir, pref_file):
+    out = tmp_path / "simpo"
+    res = run_cli("simpo", *_sets(tiny_model_dir, pref_file, "data.eval_split=4"), "--output", out)
     assert res.returncode == 0, res.stderr
-    text = " ".join((res.stderr + res.stdout).split())
-    assert "desirable vs" in text and "advises 1 to 4/3" in text
+    assert "held-out preference accuracy" in res.stderr + res.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/accuracies" in r for r in rows) and any("eval_rewards/accuracies" in r for r in rows)
+    ev = run_cli("eval", out, "--data", pref_file)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert result["stage"] == "simpo" and result["reward"] == "mean token log-prob"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, extra", [("orpo", []), ("simpo", ["simpo.variant=cpo"])], ids=["orpo", "cpo"])
+def test_orpo_and_cpo_runs_evaluate(tmp_path, tiny_model_dir, pref_file, stage, extra):
+    import importlib
+
+    from tunekit.evaluation.runs import evaluate_target
+
+    run = getattr(importlib.import_module(f"tunekit.stages.{stage}"), f"run_{stage}")
+    result = run(load_recipe(None, [f"model.name={tiny_model_dir}", f"data.train={pref_file}",
+                                    f"output={tmp_path / stage}", "train.max_steps=2", "train.batch_size=4",
+                                    "train.save_steps=0", "generate.samples=1", "generate.max_new_tokens=4", *extra],
+                            defaults={"stage": stage}))
+    assert (result.path / "adapter/adapter_model.safetensors").is_file() and (result.path / "samples.jsonl").is_file()
+    assert "eval_rewards/accuracies" in result.metrics
+    ev = evaluate_target(str(result.path), str(pref_file))
+    assert ev["stage"] == stage and 0 <= ev["preference_accuracy"] <= 1
+    assert ev["reward"] == ("summed log-prob" if extra else "mean token log-prob")
 
 
 METHODS = [("kto", "none", ["train.lr=1e-5"]), ("kto", "svft", []), ("kto", "pissa", []),

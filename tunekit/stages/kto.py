@@ -14,6 +14,7 @@ adapter for LoRA/DoRA/PiSSA/MiLoRA/QLoRA, log-probs precomputed once for LoRA-XS
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tunekit.config.schema import Recipe
@@ -36,9 +37,17 @@ def weight_advice(n_desirable: int, n_undesirable: int, w_d: float, w_u: float) 
     if 1.0 <= ratio <= 4 / 3 + 1e-9:
         return None
     lo, hi = n_undesirable * w_u / n_desirable, 4 / 3 * n_undesirable * w_u / n_desirable
+    u_lo, u_hi = 3 / 4 * n_desirable * w_d / n_undesirable, n_desirable * w_d / n_undesirable
     return (f"kto: {n_desirable} desirable vs {n_undesirable} undesirable records give λ_D·n_D / λ_U·n_U = "
-            f"{ratio:.2f}; the KTO paper (Ethayarajh et al., 2024, eq. 8) advises 1 to 4/3: set "
-            f"kto.desirable_weight in [{lo:.2f}, {hi:.2f}] (with kto.undesirable_weight {w_u:g})")
+            f"{ratio:.2f}; the KTO paper (Ethayarajh et al., 2024, eq. 8) advises 1 to 4/3: set EITHER "
+            f"kto.desirable_weight in [{lo:.2f}, {hi:.2f}] OR kto.undesirable_weight in [{u_lo:.2f}, {u_hi:.2f}]")
+
+
+class _DropRepeatedAdvice(logging.Filter):
+    """TRL's KTOTrainer logs the same advice again when it reads the data; ours (above) is printed already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "desirable_weight in" not in record.getMessage()
 
 
 def _rows(split: Any) -> tuple[list, list, dict[str, Any], str]:
@@ -82,6 +91,9 @@ class KTOStage(Stage):
             train_sampling_strategy="sequential",  # the KL estimate pairs each record with its batch neighbour
         )
         ctx.callbacks = common.standard_callbacks(ctx.run, None)
+        trl_log = logging.getLogger("trl.trainer.kto_trainer")
+        if not any(isinstance(f, _DropRepeatedAdvice) for f in trl_log.filters):
+            trl_log.addFilter(_DropRepeatedAdvice())
         return KTOTrainer(
             model=ctx.model,
             ref_model=None,
