@@ -240,6 +240,21 @@ def test_unpaired_format_errors_name_file_and_line(record, message):
         to_feedback(record, "auto", "f.jsonl:7")
 
 
+def test_kto_splits_pairs_into_shuffled_records(tiny_model_dir, pref_file):
+    """16 pairs → 32 records, 16 of each label, shuffled after the split (a pair's halves would otherwise be
+    neighbours, and TRL's KL estimate would pair a prompt with its own other answer)."""
+    from tunekit.stages.kto import KTOStage
+
+    stage = KTOStage()
+    recipe = _recipe("kto", tiny_model_dir, pref_file)
+    data = stage.load_data(recipe, stage.load_tokenizer(recipe))
+    labels = data.train["label"]
+    assert len(labels) == 32 and sum(labels) == 16
+    prompts = [p[-1]["content"] for p in data.train["prompt"]]
+    assert sum(a == b for a, b in zip(prompts, prompts[1:])) < 8
+    assert data.counts["train_desirable"] == 16 and "16 desirable / 16 undesirable" in data.summary
+
+
 def test_kto_weight_advice_follows_the_paper():
     from tunekit.stages.kto import weight_advice
 
@@ -370,13 +385,13 @@ def test_adapter_methods_train(tmp_path, tiny_model_dir, pref_file, stage, metho
 @pytest.mark.slow
 def test_simpo_resume_after_sigkill(tmp_path, tiny_model_dir, pref_file):
     out = tmp_path / "run"
-    sets = _sets(tiny_model_dir, pref_file, "train.max_steps=40", "train.save_steps=2", "train.save_total_limit=1",
+    sets = _sets(tiny_model_dir, pref_file, "train.max_steps=20", "train.save_steps=2", "train.save_total_limit=1",
                  "generate.samples=0", "train.batch_size=2")
     step = interrupt_after_checkpoint(["simpo", *sets], out)
     res = run_cli("simpo", *sets, "--output", out, "--resume")
     assert res.returncode == 0, res.stderr
     assert f"resuming from checkpoint-{step}" in res.stderr
-    assert json.loads((out / "run_card.json").read_text())["global_step"] == 40
+    assert json.loads((out / "run_card.json").read_text())["global_step"] == 20
 
 
 @pytest.mark.slow

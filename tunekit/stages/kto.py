@@ -6,7 +6,7 @@
 z₀ is the batch KL estimate: each prompt x with the answer y' of its neighbour in the batch (TRL rotates the
 answers of each batch by one), gradient-free. Data are unpaired records {prompt, completion, label} (or pairs,
 split into one desirable and one undesirable record). TRL needs the batches in a fixed order for that rotation,
-so records are shuffled once when read (seeded) and then taken in order.
+so records are shuffled once when read (seeded, after splitting pairs) and then taken in order.
 
 The reference is the model the run starts from, as in dpo (tunekit/stages/dpo.py): a frozen copy of the initial
 adapter for LoRA/DoRA/PiSSA/MiLoRA/QLoRA, log-probs precomputed once for LoRA-XS, SVFT and full fine-tuning.
@@ -50,14 +50,23 @@ class _DropRepeatedAdvice(logging.Filter):
         return "desirable_weight in" not in record.getMessage()
 
 
-def _rows(split: Any) -> tuple[list, list, dict[str, Any], str]:
-    from tunekit.data.preference import unpair
+def _rows_shuffled(seed: int) -> Any:
+    """to_rows for record_data: pairs split into two records, then the training records shuffled (seeded) so that
+    a pair's halves are not neighbours: TRL's KL estimate pairs each prompt with its neighbour's answer."""
 
-    train, held = unpair(split.train), unpair(split.eval)
-    n_d = sum(r.label for r in train)
-    counts = {"train_desirable": n_d, "train_undesirable": len(train) - n_d}
-    return ([r.as_row() for r in train], [r.as_row() for r in held], counts,
-            f"; {n_d} desirable / {len(train) - n_d} undesirable")
+    def to_rows(split: Any) -> tuple[list, list, dict[str, Any], str]:
+        import random
+
+        from tunekit.data.preference import unpair
+
+        train, held = unpair(split.train), unpair(split.eval)
+        random.Random(seed).shuffle(train)
+        n_d = sum(r.label for r in train)
+        counts = {"train_desirable": n_d, "train_undesirable": len(train) - n_d}
+        return ([r.as_row() for r in train], [r.as_row() for r in held], counts,
+                f"; {n_d} desirable / {len(train) - n_d} undesirable")
+
+    return to_rows
 
 
 class KTOStage(Stage):
@@ -66,8 +75,10 @@ class KTOStage(Stage):
     def load_data(self, recipe: Recipe, tok: Any) -> StageData:
         from tunekit.data.preference import PreferencePair, to_feedback
 
-        data = common.record_data(recipe, to_feedback, "record", "records", _rows,
-                                  lambda r: (r.chosen if isinstance(r, PreferencePair) else r.completion)[-1]["content"])
+        def answer(r: Any) -> str:
+            return (r.chosen if isinstance(r, PreferencePair) else r.completion)[-1]["content"]
+
+        data = common.record_data(recipe, to_feedback, "record", "records", _rows_shuffled(recipe.train.seed), answer)
         data.extra["eval_pairs"] = [p for p in data.extra["eval_records"] if isinstance(p, PreferencePair)]
         advice = weight_advice(data.counts["train_desirable"], data.counts["train_undesirable"],
                                recipe.kto.desirable_weight, recipe.kto.undesirable_weight)
