@@ -360,11 +360,13 @@ def test_orpo_and_cpo_runs_evaluate(tmp_path, tiny_model_dir, pref_file, stage, 
 
 
 METHODS = [("kto", "none", ["train.lr=1e-5"]), ("kto", "svft", []), ("kto", "pissa", []),
-           ("orpo", "lora_xs", []), ("orpo", "none", ["train.lr=1e-5"]), ("simpo", "dora", [])]
+           ("kto", "lora", ["model.load_in_4bit=true"]), ("orpo", "lora_xs", []), ("orpo", "none", ["train.lr=1e-5"]),
+           ("orpo", "lora", ["model.load_in_4bit=true"]), ("simpo", "dora", ["train.gradient_checkpointing=true"])]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, method, extra", METHODS, ids=[f"{s}-{m}" for s, m, _ in METHODS])
+@pytest.mark.parametrize("stage, method, extra", METHODS,
+                         ids=[f"{s}-{m}" + ("-4bit" if e and "4bit" in e[0] else "") for s, m, e in METHODS])
 def test_adapter_methods_train(tmp_path, tiny_model_dir, pref_file, stage, method, extra):
     """KTO's step-0 loss is 0.5·mean(weights) whichever way the reference is kept (policy = reference)."""
     import importlib
