@@ -240,6 +240,13 @@ def test_unpaired_format_errors_name_file_and_line(record, message):
         to_feedback(record, "auto", "f.jsonl:7")
 
 
+def test_a_feedback_format_given_to_a_conversation_stage_is_an_error():
+    from tunekit.data.formats import to_messages
+
+    with pytest.raises(TunekitError, match="^f.jsonl:3: data format 'unpaired' is not a conversation format"):
+        to_messages(UNPAIRED[0], "unpaired", "f.jsonl:3")
+
+
 def test_kto_splits_pairs_into_shuffled_records(tiny_model_dir, pref_file):
     """16 pairs → 32 records, 16 of each label, shuffled after the split (a pair's halves would otherwise be
     neighbours, and TRL's KL estimate would pair a prompt with its own other answer)."""
