@@ -90,6 +90,12 @@ STAGES: dict[str, tuple[str, str]] = {
              "k−1 samples' rewards.", "tunekit.stages.rloo:run_rloo"),
     "distill": ("On-policy distillation (GKD) from a teacher sharing the student's tokenizer: generalised JSD per "
                 "token.", "tunekit.stages.distill:run_distill"),
+    "kto": ("KTO on unpaired feedback (prompt, completion, label: true|false) or split preference pairs; reference "
+            "= the start model.", "tunekit.stages.kto:run_kto"),
+    "orpo": ("ORPO on preference pairs: SFT and alignment in one stage from the base model, no reference model.",
+             "tunekit.stages.orpo:run_orpo"),
+    "simpo": ("SimPO (or CPO with simpo.variant: cpo) on preference pairs: reference-free, length-normalised "
+              "rewards.", "tunekit.stages.simpo:run_simpo"),
 }
 
 

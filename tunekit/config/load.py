@@ -132,7 +132,7 @@ def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. `adapter.r`, `data.train.weight`."""
     keys = []
     for name, field in model.model_fields.items():
-        dotted = f"{prefix}{field.alias or name}"  # the YAML key (`distill.lambda` for the field lambda_)
+        dotted = f"{prefix}{field.alias or name}"  # the YAML key (`orpo.lambda`, `distill.lambda`: field lambda_)
         keys.append(dotted)
         sub = _field_model(field.annotation)
         if sub is not None:
@@ -298,5 +298,5 @@ def load_recipe(
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every key its stage reads, defaults included)."""
-    data = recipe.model_dump(mode="json", exclude=recipe.foreign_sections())
+    data = recipe.model_dump(mode="json", by_alias=True, exclude=recipe.foreign_sections())
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

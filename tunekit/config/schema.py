@@ -16,19 +16,24 @@ from tunekit.config.sections import Section
 from tunekit.config.stages import (
     STAGE_SECTIONS,
     CaiConfig,
+    CPOConfig,
     DistillConfig,
     DPOConfig,
     GRPOConfig,
+    KTOConfig,
+    ORPOConfig,
     PPOConfig,
     RLOOConfig,
     RMConfig,
+    SimPOConfig,
 )
 from tunekit.rewards.registry import RewardSpec
 
 DataFormat = Literal[
-    "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
+    "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt",
+    "unpaired",
 ]
-Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai", "rloo", "distill"]
+Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai", "kto", "orpo", "simpo", "rloo", "distill"]
 
 
 def one_of(key: str, value: str, valid: Iterable[str]) -> str:
@@ -362,6 +367,10 @@ class Recipe(Section):
         "are the reward's parameters (docs/rewards.md).",
     )
     cai: CaiConfig = Field(default_factory=CaiConfig, description="Constitutional AI (`tunekit cai`).")
+    kto: KTOConfig = Field(default_factory=KTOConfig, description="`tunekit kto` only.")
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig, description="`tunekit orpo` only.")
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig, description="`tunekit simpo` only.")
+    cpo: CPOConfig = Field(default_factory=CPOConfig, description="`tunekit simpo` with simpo.variant: cpo.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: str | None = Field(None, description="Run directory; default runs/<stage>-<timestamp>.")
 
@@ -378,6 +387,15 @@ class Recipe(Section):
             raise ValueError("tunekit ppo needs `rewards:`, e.g. rewards: [{name: reward_model, path: runs/rm}]")
         if self.stage == "ppo" and self.train.max_steps < 1:
             raise ValueError("tunekit ppo needs train.max_steps >= 1 (PPO steps, one rollout batch each)")
+        if self.stage == "simpo":
+            if self.simpo.variant == "cpo":
+                no_effect(self.simpo, ("beta", "gamma", "gamma_beta_ratio"), "with simpo.variant cpo (see cpo.*)",
+                          "simpo.")
+            else:
+                no_effect(self.cpo, ("beta", "alpha"), "with simpo.variant simpo", "cpo.")
+        if self.stage == "kto" and self.train.batch_size < 2 and self.kto.loss_type == "kto":
+            raise ValueError("train.batch_size: KTO estimates its KL term from the other records of a batch; "
+                             "use batch_size >= 2")
         if self.stage == "rloo" and not self.rewards:
             raise ValueError("tunekit rloo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
         if self.stage in ("grpo", "rloo"):

@@ -1,5 +1,5 @@
-"""Recipe sections of the preference and RL stages, beside `train`: `rm:`, `dpo:`, `grpo:`, `rloo:`, `distill:`,
-`ppo:`, `cai:`.
+"""Recipe sections of the preference and RL stages, beside `train`: `rm:`, `dpo:`, `grpo:`, `ppo:`, `cai:`,
+`kto:`, `orpo:`, `simpo:`, `cpo:`, `rloo:`, `distill:`.
 
 Each section belongs to one stage (`STAGE_SECTIONS`); a recipe for another stage that sets it is an error that
 names the stage it belongs to. Names TRL would only reject at the first training step (DPO loss types, GRPO loss
@@ -283,6 +283,62 @@ class CaiConfig(BaseModel):
     )
 
 
+class KTOConfig(Section):
+    """Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on unpaired feedback, r = log π(y|x) − log π_ref(y|x):
+    loss = w_D (1 − σ(β(r − z₀))) for desirable, w_U (1 − σ(β(z₀ − r))) for undesirable y; z₀ = batch KL estimate."""
+
+    beta: float = Field(0.1, gt=0, description="β: strength of the implicit KL constraint to the reference.")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="λ_D: weight of desirable records (the paper: λ_D·n_D / λ_U·n_U in [1, 4/3])."
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="λ_U: weight of undesirable records.")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto, or apo_zero_unpaired (APO-zero without the KL estimate; D'Oosterlinck et al., 2024)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs once before training (no reference model in memory)."
+    )
+
+
+class ORPOConfig(Section):
+    """Odds Ratio Preference Optimization (Hong et al., 2024), reference-free, from the base model in one stage:
+    loss = NLL(y_c) + λ · −log σ(log odds(y_c) − log odds(y_r)), odds(y) = P(y)/(1 − P(y)), P = per-token mean prob."""
+
+    lambda_: float = Field(0.1, alias="lambda", gt=0, description="λ: weight of the odds-ratio term (paper: 0.1).")
+
+
+SIMPO_VARIANTS = ("simpo", "cpo")
+
+
+class SimPOConfig(Section):
+    """SimPO (Meng et al., 2024), reference-free: loss = −log σ(β/|y_c| log π(y_c|x) − β/|y_r| log π(y_r|x) − γ).
+    `variant: cpo` trains CPO (Xu et al., 2024) instead, with the `cpo:` keys."""
+
+    variant: Literal["simpo", "cpo"] = Field("simpo", description="simpo, or cpo (its keys under `cpo:`).")
+    beta: float = Field(2.0, gt=0, description="β: reward scale of the length-normalised log-prob (paper: 2.0-2.5).")
+    gamma: float | None = Field(None, ge=0, description="γ: target reward margin; default β · gamma_beta_ratio.")
+    gamma_beta_ratio: float = Field(0.5, ge=0, description="γ/β when `gamma` is unset (paper: 0.3-0.8).")
+
+    @model_validator(mode="after")
+    def _one_margin(self) -> SimPOConfig:
+        if self.gamma is not None and "gamma_beta_ratio" in self.model_fields_set:
+            raise ValueError("simpo.gamma: set either simpo.gamma or simpo.gamma_beta_ratio, not both")
+        return self
+
+    @property
+    def margin(self) -> float:
+        """γ."""
+        return self.gamma if self.gamma is not None else self.beta * self.gamma_beta_ratio
+
+
+class CPOConfig(Section):
+    """Contrastive Preference Optimization (Xu et al., 2024), reference-free (`simpo.variant: cpo`):
+    loss = −log σ(β log π(y_c|x) − β log π(y_r|x)) + α · NLL(y_c)."""
+
+    beta: float = Field(0.1, gt=0, description="β: scale of the summed log-prob difference (paper: 0.1).")
+    alpha: float = Field(1.0, ge=0, description="α: weight of the NLL term on the chosen answer (paper: 1.0).")
+
+
 #: stage -> the sections only it reads (besides model, data, adapter, train, generate, output).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "sft": (),
@@ -291,6 +347,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "grpo": ("grpo", "rewards"),
     "ppo": ("ppo", "rewards"),
     "cai": ("cai", "dpo"),
+    "kto": ("kto",),
+    "orpo": ("orpo",),
+    "simpo": ("simpo", "cpo"),
     "rloo": ("rloo", "rewards"),
     "distill": ("distill",),
 }

@@ -135,6 +135,9 @@ def detect_format(rec: dict[str, Any], where: str) -> str:
 def to_messages(rec: dict[str, Any], fmt: str, where: str, system_prompt: str | None = None) -> Messages:
     """Canonical messages for one record; the conversation must contain at least one assistant turn."""
     name = detect_format(rec, where) if fmt == "auto" else fmt
+    if name not in NORMALISERS:  # a preference / prompt / unpaired format, read by the other stages
+        raise TunekitError(f"{where}: data format '{name}' is not a conversation format for this stage "
+                           f"({', '.join(NORMALISERS)}, auto)")
     msgs = NORMALISERS[name](rec, where)
     if not any(m["role"] == "assistant" for m in msgs):
         raise TunekitError(f"{where}: the conversation has no assistant message to learn from")

@@ -6,6 +6,8 @@
 | preference_transcript   | chosen + rejected full transcripts sharing a prompt (HH-RLHF style; message    |
 |                         | lists or "\\n\\nHuman: ... \\n\\nAssistant: ..." strings), optional margin     |
 | prompt                  | prompt (string or messages) or messages; every other column is kept for rewards |
+| unpaired                | prompt + completion (strings or message lists) + label (true = desirable,      |
+|                         | false = undesirable): KTO's binary feedback                                   |
 
 Canonical pair: prompt = the turns before the answer, chosen/rejected = the assistant turn(s) that answer it.
 A transcript pair is split at its last assistant turn; the two prompts must be identical. UltraFeedback
@@ -36,6 +38,7 @@ HUB_PRESETS: dict[str, dict[str, str]] = {
     "openai/gsm8k": {"split": "train", "format": "prompt", "name": "main", "eval_split": "test"},
 }
 PREFERENCE_FORMATS = ("auto", "preference", "preference_transcript")
+FEEDBACK_FORMATS = ("auto", "unpaired", "preference", "preference_transcript")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -53,6 +56,21 @@ class PreferencePair:
         row: dict[str, Any] = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
         row["margin"] = float(self.margin or 0.0)
         return row
+
+
+@dataclass
+class FeedbackRecord:
+    """One unpaired example (KTO): a prompt, one answer, and whether the answer is desirable."""
+
+    prompt: Messages
+    completion: Messages
+    label: bool
+    where: str
+    source: int = 0
+
+    def as_row(self) -> dict[str, Any]:
+        """TRL's conversational unpaired preference row."""
+        return {"prompt": self.prompt, "completion": self.completion, "label": self.label}
 
 
 @dataclass
@@ -137,6 +155,54 @@ def to_preference(rec: dict[str, Any], fmt: str, where: str, system_prompt: str 
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
     return PreferencePair(prompt, chosen, rejected, _margin(rec, where), where)
+
+
+def to_feedback(rec: dict[str, Any], fmt: str, where: str,
+                system_prompt: str | None = None) -> FeedbackRecord | PreferencePair:
+    """An unpaired record {prompt, completion, label: true|false}, or a preference pair (split later by
+    `unpair`, after the train/eval split, so both halves of a pair land on the same side)."""
+    name = fmt
+    if fmt == "auto":
+        if "label" in rec or ("completion" in rec and "chosen" not in rec):
+            name = "unpaired"
+        elif "chosen" in rec and "rejected" in rec:
+            name = "preference" if "prompt" in rec else "preference_transcript"
+        else:
+            keys = ", ".join(sorted(rec)) or "none"
+            raise TunekitError(f"{where}: not a feedback record (fields: {keys}); expected prompt/completion/label "
+                               "(label true or false) or prompt/chosen/rejected pairs")
+    if name in ("preference", "preference_transcript"):
+        return to_preference(rec, name, where, system_prompt)
+    if name != "unpaired":
+        raise TunekitError(f"{where}: data format '{name}' is not a feedback format (unpaired, preference, "
+                           "preference_transcript)")
+    for key in ("prompt", "completion", "label"):
+        if rec.get(key) is None:
+            raise TunekitError(f"{where}: missing field '{key}' (unpaired format: prompt, completion, label)")
+    label = rec["label"]
+    if not isinstance(label, bool):
+        raise TunekitError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}")
+    prompt = _turns(rec["prompt"], "prompt", where, name, "user")
+    if prompt[-1]["role"] == "assistant":
+        raise TunekitError(f"{where}: 'prompt' must end with a user (or system/tool) turn, not the assistant")
+    completion = _turns(rec["completion"], "completion", where, name, "assistant")
+    if any(m["role"] != "assistant" for m in completion):
+        raise TunekitError(f"{where}: 'completion' must hold only assistant turns")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    return FeedbackRecord(prompt, completion, label, where)
+
+
+def unpair(items: list[FeedbackRecord | PreferencePair]) -> list[FeedbackRecord]:
+    """Each pair as one desirable (chosen) and one undesirable (rejected) record; unpaired records as they are."""
+    out: list[FeedbackRecord] = []
+    for it in items:
+        if isinstance(it, PreferencePair):
+            out.append(FeedbackRecord(it.prompt, it.chosen, True, it.where, it.source))
+            out.append(FeedbackRecord(it.prompt, it.rejected, False, it.where, it.source))
+        else:
+            out.append(it)
+    return out
 
 
 def to_prompt(rec: dict[str, Any], fmt: str, where: str, system_prompt: str | None = None) -> PromptRecord:

@@ -1,4 +1,5 @@
 """Score preference pairs: reward models (pairwise accuracy) and DPO policies (implicit-reward accuracy).
+Reference-free policies (orpo, simpo; Meng et al., 2024): r̂(x, y) = log π(y|x) / |y| (cpo: log π(y|x)).
 
 Reward model: accuracy = P[r(x, y_c) > r(x, y_r)], margin = mean(r(x, y_c) − r(x, y_r)).
 DPO policy (Rafailov et al., 2023, eq. 5): r̂(x, y) = β (log π(y|x) − log π_ref(y|x));
@@ -110,16 +111,16 @@ def logprob_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: int = 1
 
 
 def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference: Any = None,
-                 max_length: int = 1024) -> dict[str, Any]:
+                 max_length: int = 1024, reference_context: Any = None) -> dict[str, Any]:
     """Implicit-reward preference accuracy of a policy (and its log-prob accuracy). `reference` None: the PEFT
-    model with its adapter disabled."""
+    model with its adapter disabled, or under `reference_context` (e.g. a trainer's frozen "ref" adapter)."""
 
     def logps(m: Any, which: str) -> list[float]:
         comps = [getattr(p, which) for p in pairs]
         return completion_logps(m, tok, [p.prompt for p in pairs], comps, max_length)
 
     pol_c, pol_r = logps(model, "chosen"), logps(model, "rejected")
-    ctx = model.disable_adapter() if reference is None else nullcontext()
+    ctx = reference_context or (model.disable_adapter() if reference is None else nullcontext())
     with ctx:
         ref = model if reference is None else reference
         ref_c, ref_r = logps(ref, "chosen"), logps(ref, "rejected")
@@ -131,3 +132,22 @@ def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference:
             "logprob_accuracy": sum(a > b for a, b in zip(pol_c, pol_r)) / n,
             "mean_logprob_margin": sum(a - b for a, b in zip(pol_c, pol_r)) / n,
             "mean_reward_margin": sum(margins) / n, "chosen_reward": sum(r_c) / n, "rejected_reward": sum(r_r) / n}
+
+
+def reference_free_accuracy(model: Any, tok: Any, pairs: list[Any], length_normalised: bool = True,
+                            max_length: int = 1024) -> dict[str, Any]:
+    """Preference accuracy P[r̂(x, y_c) > r̂(x, y_r)] of a reference-free policy, r̂ = per-token mean log-prob
+    (SimPO's reward; ORPO's log odds rank the same way) or, with `length_normalised` False, the summed log-prob
+    (CPO's); and the mean reward margin."""
+    c, r = _pair_logps(model, tok, pairs, max_length)
+    if length_normalised:
+        def tokens(p: Any, which: str) -> int:
+            ids, start = conversation_ids(tok, p.prompt, getattr(p, which), max_length)
+            return max(len(ids) - start, 1)
+
+        c = [v / tokens(p, "chosen") for v, p in zip(c, pairs)]
+        r = [v / tokens(p, "rejected") for v, p in zip(r, pairs)]
+    n = max(len(pairs), 1)
+    return {"n": len(pairs), "preference_accuracy": sum(a > b for a, b in zip(c, r)) / n,
+            "reward": "mean token log-prob" if length_normalised else "summed log-prob",
+            "mean_reward_margin": sum(a - b for a, b in zip(c, r)) / n}

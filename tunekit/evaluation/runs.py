@@ -1,7 +1,8 @@
 """`tunekit eval` for every kind of target: what is measured follows what the target is.
 
 - a `tunekit rm` run: pairwise accuracy P[r(x, y_c) > r(x, y_r)] and mean margin on preference pairs;
-- a `tunekit dpo` run (or any policy, given preference data): implicit-reward preference accuracy;
+- a `tunekit dpo` or `tunekit kto` run (or any policy, given preference data): implicit-reward preference accuracy;
+- a `tunekit orpo` / `tunekit simpo` run: preference accuracy with the method's reference-free reward;
 - `--reward NAME` (grpo/ppo runs or any policy, on prompt data): mean reward of greedy answers;
 - otherwise: perplexity on assistant tokens and exact match of greedy answers.
 """
@@ -74,7 +75,9 @@ def evaluate_target(
             model, tok = load_any(target, base, trust_remote_code)
             pairs = [to_preference(r.data, "auto", r.where) for r in records]
             return logprob_accuracy(model, tok, pairs, max_length)
-        return _dpo_eval(target, base, records, recipe, max_length)
+        if stage in ("orpo", "simpo"):
+            return _reference_free_eval(target, base, records, stage, recipe, max_length)
+        return _dpo_eval(target, base, records, recipe, max_length, stage)
     from tunekit.data.formats import to_messages
     from tunekit.evaluation.score import evaluate
     from tunekit.models.trained import load_any
@@ -84,14 +87,28 @@ def evaluate_target(
     return evaluate(model, tok, conversations, max_length, max_new_tokens, batch_size, generate)
 
 
-def _dpo_eval(target: str, base: str | None, records: list[Any], recipe: dict[str, Any], max_length: int):
+def _reference_free_eval(target: str, base: str | None, records: list[Any], stage: str, recipe: dict[str, Any],
+                         max_length: int) -> dict[str, Any]:
+    from tunekit.data.preference import to_preference
+    from tunekit.evaluation.preference import reference_free_accuracy
+    from tunekit.models.trained import load_any
+
+    pairs = [to_preference(r.data, "auto", r.where) for r in records]
+    variant = (recipe.get("simpo") or {}).get("variant", "simpo") if stage == "simpo" else "orpo"
+    model, tok = load_any(target, base)
+    result = reference_free_accuracy(model, tok, pairs, variant != "cpo", max_length)
+    return {"stage": stage, **({"variant": variant} if stage == "simpo" else {}), **result}
+
+
+def _dpo_eval(target: str, base: str | None, records: list[Any], recipe: dict[str, Any], max_length: int,
+              stage: str = "dpo"):
     from tunekit.data.preference import to_preference
     from tunekit.evaluation.preference import dpo_accuracy
     from tunekit.models.trained import load_any
     from tunekit.run.locate import locate
 
     pairs = [to_preference(r.data, "auto", r.where) for r in records]
-    beta = float((recipe.get("dpo") or {}).get("beta", 0.1))
+    beta = float((recipe.get("kto" if stage == "kto" else "dpo") or {}).get("beta", 0.1))
     model, tok = load_any(target, base)
     reference = None
     if not hasattr(model, "disable_adapter"):  # full / LoRA-XS / SVFT: the start model, loaded on its own
@@ -100,7 +117,7 @@ def _dpo_eval(target: str, base: str | None, records: list[Any], recipe: dict[st
             raise TunekitError(f"'{target}' names no base model to compare with; pass --base")
         reference, _ = load_any(base or loc.base.name)
     result = dpo_accuracy(model, tok, pairs, beta, reference, max_length)
-    return {"stage": "dpo", "beta": beta, **result}
+    return {"stage": stage, "beta": beta, **result}
 
 
 def _reward_eval(target, base, records, rewards, max_new_tokens, batch_size) -> dict[str, Any]:

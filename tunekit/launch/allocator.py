@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import sys
 
-TRAINING_COMMANDS = frozenset({"sft", "rm", "dpo", "grpo", "ppo", "cai", "rloo", "distill", "eval"})
+TRAINING_COMMANDS = frozenset(
+    {"sft", "rm", "dpo", "grpo", "ppo", "cai", "eval", "kto", "orpo", "simpo", "rloo", "distill"}
+)
 ACTIVE = "TUNEKIT_ALLOCATOR_ACTIVE"  # set in the re-executed process: never re-execute twice
 
 

@@ -24,7 +24,8 @@ from tunekit.errors import TunekitError
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")
-STAGES = ("sft", "rm", "dpo", "grpo", "ppo", "cai", "rloo", "distill")
+STAGES = ("sft", "rm", "dpo", "grpo", "ppo", "cai", "kto", "orpo", "simpo", "rloo", "distill")
+PAIRED_STAGES = ("dpo", "orpo", "simpo")  # chosen and rejected run in one batch of 2 x micro_batch rows
 # usable share of a GPU: the CUDA context, NCCL buffers and allocator fragmentation take the rest
 USABLE_SHARE = 0.9
 DEEPSPEED_BUCKET = 50_000_000  # elements; the reduce/allgather bucket our generated DeepSpeed JSON sets
@@ -281,7 +282,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
 
 def activation_bytes(shape: ModelShape, s: Setup) -> tuple[float, float]:
     """(decoder activations, logits + loss buffers) of one micro-batch on one GPU."""
-    rows = s.micro_batch * (2 if s.stage == "dpo" else 1)  # DPO runs chosen and rejected in one batch
+    rows = s.micro_batch * (2 if s.stage in PAIRED_STAGES else 1)
     tokens = rows * s.seq_len
     per_layer = layer_activation_bytes(shape, s)
     head = (4 + 2 * s.dtype_bytes) * shape.hidden  # final norm + output-head input
@@ -390,7 +391,7 @@ def estimate_setup(shape: ModelShape, s: Setup, gpu_mem: float) -> Plan:
 
     # --- reference / value / reward models of the alignment stages
     extra_models = 0
-    if s.stage == "dpo" and s.full:
+    if s.stage in ("dpo", "kto") and s.full:
         extra_models = 1  # frozen reference copy (with an adapter the reference is the base, adapter disabled)
     if s.stage == "ppo":
         extra_models = 2 + (1 if s.full else 0)  # value model + reward model (+ reference copy when full)

@@ -181,17 +181,8 @@ class DistillStage(Stage):
             log_completions=False,
             disable_dropout=True,
         )
-        ctx.callbacks = common.standard_callbacks(ctx.run, None)
-        return _distillation_trainer(DistillationTrainer)(
-            model=ctx.model,
-            teacher_model=self.teacher,
-            args=args,
-            train_dataset=ctx.data.train,
-            eval_dataset=ctx.data.eval,
-            processing_class=ctx.tokenizer,
-            callbacks=ctx.callbacks,
-            on_policy_share=d.lambda_,
-        )
+        return self.trl_trainer(ctx, _distillation_trainer(DistillationTrainer), args,
+                                teacher_model=self.teacher, on_policy_share=d.lambda_)
 
     def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
         d = ctx.recipe.distill

@@ -83,16 +83,7 @@ class RLOOStage(GRPOStage):
         watch = RewardTracker(max_completion_length=o.max_completion_length)
         completions = CompletionsCallback(ctx.run.path / "completions.jsonl", o.log_completions_steps, watch,
                                           dict(zip(self.rewards.names, self.rewards.weights)))
-        ctx.callbacks = [*common.standard_callbacks(ctx.run, None), completions]
-        trainer = RLOOTrainer(
-            model=ctx.model,
-            reward_funcs=self.rewards.funcs,
-            args=args,
-            train_dataset=ctx.data.train,
-            eval_dataset=ctx.data.eval,
-            processing_class=ctx.tokenizer,
-            callbacks=ctx.callbacks,
-        )
+        trainer = self.trl_trainer(ctx, RLOOTrainer, args, completions, reward_funcs=self.rewards.funcs)
         if own_reference:
             install_reference(trainer, load_model(common.base_model_config(r), ctx.tokenizer), o.beta)
         completions.trainer = trainer
