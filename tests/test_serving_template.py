@@ -79,7 +79,26 @@ def test_gguf_and_folder_served_as_trained(tiny_model_dir, tiny_gguf):
         assert result.match and not result.problems, result.problems
         assert result.end_of_turn == ["<|im_end|>"]
         assert tok.convert_tokens_to_ids("<|im_end|>") in result.served_stops
-    assert check_gguf(tok, tiny_gguf).engine.startswith("llama.cpp")
+    result = check_gguf(tok, tiny_gguf)
+    assert result.engine.startswith("llama-cpp-python") and result.also[0].engine.startswith("llama.cpp built-in")
+    assert result.also[0].match
+
+
+def test_default_system_message_lost_by_llama_cpp_builtin_engine(tiny_model_dir, tmp_path):
+    """SmolLM2's template inserts a default system message; llama.cpp's built-in ChatML does not: the check says
+    so for that engine while the Jinja rendering (llama-cpp-python, Ollama via the Modelfile) matches."""
+    pytest.importorskip("llama_cpp")
+    from tunekit.quantize.gguf_writer import write_gguf
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    tok = _tok(folder)
+    tok.chat_template = _smollm2_template()
+    tok.save_pretrained(folder)
+    write_gguf(folder, tmp_path / "m.gguf", "F32")
+    result = check_gguf(_tok(folder), tmp_path / "m.gguf")
+    assert result.match and not result.also[0].match
+    assert len(result.problems) == 1 and "llama.cpp built-in" in result.problems[0]
 
 
 def test_template_changed_after_export_is_detected(tiny_model_dir, tiny_gguf):
@@ -102,7 +121,8 @@ def test_quantize_verify_warns_and_strict_refuses(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "warning:" in res.stderr and "first difference at token" in res.stderr
     card = json.loads((tmp_path / "m.gguf.card.json").read_text())
-    assert card["template_check"]["ok"] is False and card["template_check"]["first_diff"] is not None
+    check = card["template_check"]
+    assert check["ok"] is False and check["match"] and check["also"][0]["first_diff"] is not None
     modelfile = (tmp_path / "m.Modelfile").read_text()
     assert "FROM ./m.gguf" in modelfile and "\nTEMPLATE" not in modelfile and "not translated" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile

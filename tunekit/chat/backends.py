@@ -127,8 +127,8 @@ class TransformersBackend(Backend):
 
 
 class LlamaCppBackend(Backend):
-    """A `.gguf` file through llama-cpp-python: the file's embedded chat template rendered by llama.cpp
-    (see tunekit.quantize.template_check.render_gguf), its tokenizer, and its end-of-generation tokens."""
+    """A `.gguf` file through llama-cpp-python: the file's embedded chat template rendered as llama-cpp-python's
+    chat handler does (tunekit.quantize.template_check.render_gguf), its tokenizer, its end-of-generation tokens."""
 
     def __init__(self, path: str | Path, n_ctx: int = 2048) -> None:
         from tunekit.quantize import llamacpp
@@ -147,7 +147,7 @@ class LlamaCppBackend(Backend):
         from tunekit.quantize.template_check import render_gguf
 
         text = render_gguf(self.llm, messages, generation_prompt=True)
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def close(self) -> None:
         self.llm.close()
