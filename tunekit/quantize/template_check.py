@@ -43,11 +43,19 @@ class TemplateCheck:
     also: list[TemplateCheck] = field(default_factory=list)  # other engines the same file is served by
 
     @property
-    def problems(self) -> list[str]:
+    def notes(self) -> list[str]:
+        """Differences under other engines the file may be served by (warnings, never errors: e.g. llama.cpp's
+        built-in ChatML drops a default system message that the Jinja template inserts)."""
         out = []
         for other in self.also:
             other.served = self.served
             out.extend(other.problems)
+        return out
+
+    @property
+    def problems(self) -> list[str]:
+        """Differences in how the export is served by default (its own template, its stop tokens)."""
+        out = []
         if not self.match:
             out.append(f"{self.served}: the served chat template ({self.engine}) renders a different prompt than "
                        f"the training template; first difference at token {self.first_diff}: training "
@@ -62,7 +70,7 @@ class TemplateCheck:
                 "training_tokens": self.training_tokens, "served_tokens": self.served_tokens,
                 "end_of_turn": self.end_of_turn, "served_stops": self.served_stops,
                 "missing_stops": self.missing_stops, "also": [a.as_dict() for a in self.also],
-                "ok": not self.problems}
+                "notes": self.notes, "ok": not self.problems}
 
 
 def sample_conversations(tok: Any) -> list[list[dict[str, str]]]:
@@ -224,8 +232,9 @@ def check_folder(tok: Any, folder: str | Path) -> TemplateCheck:
 
 def check_export(source: str | Path, output: str | Path, fmt: str, strict: bool = False,
                  tok: Any = None, label: str | None = None) -> TemplateCheck:
-    """Check an export against the source's training template; `strict` turns a mismatch into an error,
-    otherwise each problem is printed as a warning. `label` names the output in messages (default: its path)."""
+    """Check an export against the source's training template; `strict` turns a problem into an error,
+    otherwise each problem (and each note about other engines) is printed as a warning. `label` names the
+    output in messages (default: its path)."""
     import sys
 
     tok = tok if tok is not None else training_tokenizer(source)
@@ -235,4 +244,6 @@ def check_export(source: str | Path, output: str | Path, fmt: str, strict: bool 
         if strict:
             raise TunekitError(f"{problem} (--strict)")
         print(f"warning: {problem}", file=sys.stderr)
+    for note in result.notes:
+        print(f"warning: {note}", file=sys.stderr)
     return result
