@@ -180,7 +180,7 @@ def test_embedded_model_same_first_tokens_and_stops(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(resolve_model_path("smollm2-135m")))
     family = translate(tok)
     assert family is not None and f'TEMPLATE """{family.go}"""' in (tmp_path / "smollm2.Modelfile").read_text()
-    for prompt in ("What is the capital of France?", "Name three primary colours."):
+    for prompt in ("What is the capital of France?", "What is 2 + 2?"):
         messages = [{"role": "user", "content": prompt}]
         assert family.mirror(messages) == jinja_render(tok, messages)
         args = ["--temperature", "0", "--max-new-tokens", "64", "--json", "-p", prompt]

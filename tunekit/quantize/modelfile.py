@@ -110,7 +110,8 @@ def jinja_render(tok: Any, messages: Messages) -> str:
     leading BOS text (llama.cpp adds BOS itself)."""
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
     bos = getattr(tok, "bos_token", None)
-    return text[len(bos):] if bos and text.startswith(bos) else text
+    emits_bos = "bos_token" in (getattr(tok, "chat_template", None) or "")  # SmolLM2's BOS is <|im_start|>
+    return text[len(bos):] if emits_bos and bos and text.startswith(bos) else text
 
 
 def translate(tok: Any) -> Family | None:
