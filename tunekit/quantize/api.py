@@ -199,7 +199,12 @@ def quantize(
         from tunekit.chat.serving import write_generation_config
         from tunekit.quantize.template_check import check_export, training_tokenizer
 
-        tok = training_tokenizer(source if kind != "model" else folder)
+        try:
+            tok = training_tokenizer(source if kind != "model" else folder)
+        except (TunekitError, OSError, ValueError):  # no tokenizer saved: nothing to serve a chat with
+            if verify or strict:
+                raise
+            tok = None
 
         def check(tmp: Path) -> dict[str, Any] | None:
             if not (verify or strict):
@@ -215,14 +220,16 @@ def quantize(
             from tunekit.chat.serving import run_system_prompt
             from tunekit.quantize.modelfile import write_modelfile
 
-            report["modelfile"] = write_modelfile(output, tok, run_system_prompt(source))
+            if tok is not None:
+                report["modelfile"] = write_modelfile(output, tok, run_system_prompt(source))
         elif fmt in ("gptq", "awq"):
             from tunekit.quantize.compressed import quantize_w4a16
 
             texts, origin = _calibration(calibration, folder, samples)
             with atomic_output(output, overwrite, is_dir=True) as tmp:
                 report.update(quantize_w4a16(folder, tmp, fmt, texts, samples=samples, group_size=group_size))
-                report["eos_token_id"] = write_generation_config(tmp, tok)
+                if tok is not None:
+                    report["eos_token_id"] = write_generation_config(tmp, tok)
                 report["template_check"] = check(tmp)
             report["calibration"] = origin
         else:
@@ -230,7 +237,8 @@ def quantize(
 
             with atomic_output(output, overwrite, is_dir=True) as tmp:
                 report.update(quantize_bnb(folder, tmp, qtype))
-                report["eos_token_id"] = write_generation_config(tmp, tok)
+                if tok is not None:
+                    report["eos_token_id"] = write_generation_config(tmp, tok)
                 report["template_check"] = check(tmp)
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
         report["peak_rss_mb_export"] = round(_peak_rss_mb(), 1)
