@@ -140,6 +140,10 @@ class LlamaCppBackend(Backend):
         self.name = str(path)
         self.llm = llamacpp.load(path, n_ctx=min(n_ctx, trained_context(path) or n_ctx), logits_all=False,
                                  kv_f32=False)
+        if not self.llm.metadata.get("tokenizer.chat_template"):
+            self.llm.close()
+            raise TunekitError(f"'{path}' has no embedded chat template (tokenizer.chat_template); re-export it "
+                               "with `tunekit quantize` from a model whose tokenizer has one")
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._llama_cpp = llama_cpp
 
