@@ -163,6 +163,16 @@ def test_bad_options_are_one_error_line(tiny_model_dir):
     assert res.exit_code == 2 and "error:" in res.output
 
 
+def test_gguf_without_a_chat_template_is_refused(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from tunekit.models.tiny import build_tiny_model
+    from tunekit.quantize.gguf_writer import write_gguf
+
+    write_gguf(build_tiny_model(tmp_path / "m", chat_template=None), tmp_path / "m.gguf", "F32")
+    res = _cli([tmp_path / "m.gguf", "-p", "x"])
+    assert res.exit_code == 2 and "no embedded chat template" in res.output, res.output
+
+
 @pytest.mark.slow
 def test_embedded_model_same_first_tokens_and_stops(tmp_path):
     """SmolLM2-135M-Instruct (the `smollm2-135m` alias) and its `tunekit quantize` export (Q8_0 GGUF): the same
