@@ -43,6 +43,10 @@ def quantize_cmd(
         help="gguf: type of the token-embedding and output matrices (e.g. F16 with Q8_0: closer to the source, "
         "larger file). Default: the file type (Q8_0 for 4/5-bit direct types).",
     ),
+    strict: bool = typer.Option(
+        False, "--strict", help="A chat-template or stop-token mismatch between training and the export is an "
+        "error (nothing written); --verify alone prints it as a warning."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Quantize a model (adapters are merged into their base first)."""
@@ -65,9 +69,18 @@ def quantize_cmd(
         eval_text=eval_text,
         group_size=group_size,
         embedding_type=embedding_type,
+        strict=strict,
     )
     if verify:
         print_table(report)
+    check = report.get("template_check")
+    if check and check.get("ok"):
+        typer.echo(f"chat template: training and served prompts match ({check['engine']}); stops at "
+                   f"{', '.join(check['end_of_turn'])}", err=True)
+    modelfile = report.get("modelfile")
+    if modelfile:
+        how = (f"template {modelfile['family']}" if modelfile["family"] else "no TEMPLATE: " + modelfile["note"])
+        typer.echo(f"Ollama Modelfile: {modelfile['path']} ({how})", err=True)
     typer.echo(
         f"wrote {output} ({report['format']} {report['type']}, {report['export_seconds']:.1f} s); "
         f"card: {card_path(output)}"

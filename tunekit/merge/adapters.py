@@ -135,9 +135,15 @@ def merge_adapter(
                     bar.advance(task, chunk.numel() * chunk.element_size())
         writer.close()
         copy_support_files(base_path, base_path, tmp, out_dtype)
-        copied_tok = [p.name for p in res.folder.glob("tokenizer*") if p.is_file()]
+        # the run's tokenizer and chat template (a template set by the recipe lives in chat_template.jinja)
+        copied_tok = [p.name for p in [*res.folder.glob("tokenizer*"), *res.folder.glob("chat_template.*"),
+                                       *res.folder.glob("special_tokens_map.json")] if p.is_file()]
         for name in copied_tok:
             shutil.copy2(res.folder / name, tmp / name)
+        if (tmp / "tokenizer_config.json").is_file():
+            from tunekit.chat.serving import write_generation_config
+
+            write_generation_config(tmp)  # transformers and vLLM stop at the run's end-of-turn token
         notes = [f"base: `{root}`", *(f"folded first: `{e.folder}` ({e.kind.name})" for e in earlier),
                  f"adapter: `{adapter}` ({res.kind.name})"]
         if res.load_in_4bit:

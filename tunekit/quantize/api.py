@@ -172,8 +172,14 @@ def quantize(
     group_size: int = 128,
     progress: bool = True,
     embedding_type: str | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
-    """Quantize `source` to `output`; returns the run card (also written next to / inside the output)."""
+    """Quantize `source` to `output`; returns the run card (also written next to / inside the output).
+
+    With `verify` or `strict` the export's chat template and stop tokens are checked against the training
+    template (tunekit.quantize.template_check) before the output is put in place: a mismatch is a warning, an
+    error with `strict`. A GGUF gets an Ollama Modelfile beside it; a folder a generation_config.json whose
+    eos_token_id lists the end-of-turn tokens."""
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise TunekitError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -190,23 +196,50 @@ def quantize(
         folder, kind = resolve_source(source, work)
         report["source_kind"] = kind
         report["model_folder"] = str(folder)
+        from tunekit.chat.serving import write_generation_config
+        from tunekit.quantize.template_check import check_export, training_tokenizer
+
+        try:
+            tok = training_tokenizer(source if kind != "model" else folder)
+        except (TunekitError, OSError, ValueError):  # no tokenizer saved: nothing to serve a chat with
+            if verify or strict:
+                raise
+            tok = None
+
+        def check(tmp: Path) -> dict[str, Any] | None:
+            if not (verify or strict):
+                return None
+            return check_export(source, tmp, fmt, strict, tok=tok, label=str(output)).as_dict()
+
         t0 = time.perf_counter()
         if fmt == "gguf":
             report.update(
-                _to_gguf(folder, output, qtype, calibration, samples, overwrite, work, progress, embedding_type)
+                _to_gguf(folder, output, qtype, calibration, samples, overwrite, work, progress, embedding_type,
+                         check)
             )
+            from tunekit.chat.serving import run_system_prompt
+            from tunekit.quantize.modelfile import write_modelfile
+
+            if tok is not None:
+                report["modelfile"] = write_modelfile(output, tok, run_system_prompt(source))
         elif fmt in ("gptq", "awq"):
             from tunekit.quantize.compressed import quantize_w4a16
 
             texts, origin = _calibration(calibration, folder, samples)
             with atomic_output(output, overwrite, is_dir=True) as tmp:
                 report.update(quantize_w4a16(folder, tmp, fmt, texts, samples=samples, group_size=group_size))
+                if tok is not None:
+                    report["eos_token_id"] = write_generation_config(tmp, tok)
+                report["template_check"] = check(tmp)
             report["calibration"] = origin
         else:
             from tunekit.quantize.bnb import quantize_bnb
 
             with atomic_output(output, overwrite, is_dir=True) as tmp:
                 report.update(quantize_bnb(folder, tmp, qtype))
+                if tok is not None:
+                    report["eos_token_id"] = write_generation_config(tmp, tok)
+                report["template_check"] = check(tmp)
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
         report["peak_rss_mb_export"] = round(_peak_rss_mb(), 1)
         if verify:
@@ -226,7 +259,9 @@ def _to_gguf(
     work: Path,
     progress: bool,
     embedding_type: str | None = None,
+    check: Any = None,
 ) -> dict[str, Any]:
+    """Write the GGUF; `check(tmp)` runs on the finished file before it is renamed into place."""
     from tunekit.quantize import llamacpp
     from tunekit.quantize.gguf_writer import DIRECT_TYPES, write_gguf
 
@@ -234,6 +269,8 @@ def _to_gguf(
     if qtype in DIRECT_TYPES:
         with atomic_output(output, overwrite, is_dir=False) as tmp, _bar(f"GGUF {qtype}", progress) as cb:
             out["gguf"] = write_gguf(folder, tmp, qtype, embedding_type=embedding_type, name=folder.name, progress=cb)
+            if check is not None:
+                out["template_check"] = check(tmp)
         out["quantizer"] = "gguf-py"
         return out
 
@@ -249,6 +286,8 @@ def _to_gguf(
         out["imatrix"] = {"calibration": origin, "texts": len(texts), "entries": len(imatrix)}
     with atomic_output(output, overwrite, is_dir=False) as tmp:
         llamacpp.llama_quantize(base, tmp, qtype, imatrix=imatrix, embedding_type=embedding_type)
+        if check is not None:
+            out["template_check"] = check(tmp)
     out["quantizer"] = "llama.cpp llama_model_quantize"
     return out
 

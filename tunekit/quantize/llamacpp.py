@@ -164,6 +164,7 @@ def load(
     """Open a GGUF with llama.cpp (CPU). `kv_f32` keeps the KV cache in F32 (llama.cpp's default is F16,
     which alone moves logits by ~1e-3) so measured differences come from the weights."""
     llama_cpp = require_llama_cpp()
+    _quiet_logs(llama_cpp)
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
     return llama_cpp.Llama(
         **kv,
@@ -176,6 +177,31 @@ def load(
         n_threads=os.cpu_count() or 1,
         verbose=False,
     )
+
+
+_LOG_CALLBACK: Any = None
+
+
+def _quiet_logs(llama_cpp: Any) -> None:
+    """Route llama.cpp's own log through one callback that prints errors only; all of it with TUNEKIT_DEBUG."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import sys
+
+    debug = os.environ.get("TUNEKIT_DEBUG", "") not in ("", "0", "false")
+    state = {"shown": False}
+
+    def log(level: int, text: bytes, _user: Any) -> None:
+        # 3 = error, 5 = continuation. The context-overflow "error" is noise: a vocab-only load has no training
+        # context, and chat caps the context at the training one.
+        shown = debug or (level == 3 and b"training context overflow" not in text) or (level == 5 and state["shown"])
+        state["shown"] = shown
+        if shown:
+            print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def tokenize(llm: Any, text: str) -> list[int]:

@@ -217,6 +217,10 @@ def save_outputs(recipe: Recipe, run: RunDir, model: Any, tok: Any) -> Path:
         if ranks.is_main():
             save_adapter(model, recipe.adapter, target)
             tok.save_pretrained(target)
+            if recipe.adapter.method == "none":  # a full model folder: servers stop at its end-of-turn token
+                from tunekit.chat.serving import write_generation_config
+
+                write_generation_config(target, tok)
             plot_loss(run.path / "metrics.jsonl", run.path / "loss.png")
     return target
 
