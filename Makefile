@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q libjemalloc2 || \
 	    { apt-get update -q && apt-get install -y -q libjemalloc2; }; } >/dev/null 2>&1; } || \
 	  echo "note: jemalloc not installed (apt-get install libjemalloc2): training keeps glibc's malloc, with a higher peak RSS"
+	# Go's text/template (what Ollama renders Modelfile templates with): tests render our translations with it
+	command -v go >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q golang-go || \
+	    { apt-get update -q && apt-get install -y -q golang-go; }; } >/dev/null 2>&1; } || \
+	  echo "note: Go not installed (apt-get install golang-go): the Modelfile template test is skipped"
 	touch $@
 
 # llama.cpp's own loader and quantizer (GGUF checks, K-quants); compiles from source (~8 min on 2 cores).
