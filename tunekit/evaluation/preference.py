@@ -1,7 +1,9 @@
-"""Score preference pairs: reward models (pairwise accuracy) and DPO policies (implicit-reward accuracy).
+"""Score preference pairs: reward models (pairwise accuracy), policies (log-prob accuracy) and DPO runs
+(implicit-reward accuracy, with the run's own β).
 
 Reward model: accuracy = P[r(x, y_c) > r(x, y_r)], margin = mean(r(x, y_c) − r(x, y_r)).
-DPO policy (Rafailov et al., 2023, eq. 5): r̂(x, y) = β (log π(y|x) − log π_ref(y|x));
+Any policy: log-prob accuracy = P[log π(y_c|x) > log π(y_r|x)].
+DPO run (Rafailov et al., 2023, eq. 5): r̂(x, y) = β (log π(y|x) − log π_ref(y|x));
 accuracy = P[r̂(x, y_c) > r̂(x, y_r)].
 """
 
@@ -91,7 +93,7 @@ def reward_model_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: in
     scores = reward_pair_scores(model, tok, pairs, max_length)
     diffs = [c - r for c, r in scores]
     return {"n": len(pairs), "pairwise_accuracy": sum(d > 0 for d in diffs) / max(len(diffs), 1),
-            "mean_margin": sum(diffs) / max(len(diffs), 1)}
+            "mean_margin": sum(diffs) / max(len(diffs), 1), "margins": diffs}
 
 
 def _pair_logps(model: Any, tok: Any, pairs: list[Any], max_length: int) -> tuple[list[float], list[float]]:
@@ -106,7 +108,8 @@ def logprob_accuracy(model: Any, tok: Any, pairs: list[Any], max_length: int = 1
     c, r = _pair_logps(model, tok, pairs, max_length)
     n = max(len(pairs), 1)
     return {"n": len(pairs), "logprob_accuracy": sum(a > b for a, b in zip(c, r)) / n,
-            "mean_logprob_margin": sum(a - b for a, b in zip(c, r)) / n}
+            "mean_logprob_margin": sum(a - b for a, b in zip(c, r)) / n,
+            "logprob_margins": [a - b for a, b in zip(c, r)]}
 
 
 def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference: Any = None,
@@ -127,7 +130,8 @@ def dpo_accuracy(model: Any, tok: Any, pairs: list[Any], beta: float, reference:
     r_r = [beta * (a - b) for a, b in zip(pol_r, ref_r)]
     margins = [c - r for c, r in zip(r_c, r_r)]
     n = max(len(margins), 1)
-    return {"n": len(pairs), "preference_accuracy": sum(m > 0 for m in margins) / n,
+    return {"n": len(pairs), "implicit_reward_accuracy": sum(m > 0 for m in margins) / n,
             "logprob_accuracy": sum(a > b for a, b in zip(pol_c, pol_r)) / n,
             "mean_logprob_margin": sum(a - b for a, b in zip(pol_c, pol_r)) / n,
-            "mean_reward_margin": sum(margins) / n, "chosen_reward": sum(r_c) / n, "rejected_reward": sum(r_r) / n}
+            "mean_reward_margin": sum(margins) / n, "chosen_reward": sum(r_c) / n, "rejected_reward": sum(r_r) / n,
+            "logprob_margins": [a - b for a, b in zip(pol_c, pol_r)], "reward_margins": margins}
