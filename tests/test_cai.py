@@ -171,8 +171,9 @@ def test_mc_score_equals_hand_computation_from_logits(loaded):
     hand = []
     for pid in j.principles:
         pr = c.by_id(pid)
-        (a1, b1), (a2, b2) = choice_logprobs(model, tok, [judgement_context(tok, prompt, pr.comparison, "Paris.", "Lyon."),
-                                                          judgement_context(tok, prompt, pr.comparison, "Lyon.", "Paris.")])
+        q = pr.comparison
+        (a1, b1), (a2, b2) = choice_logprobs(model, tok, [judgement_context(tok, prompt, q, "Paris.", "Lyon."),
+                                                          judgement_context(tok, prompt, q, "Lyon.", "Paris.")])
         hand += [math.exp(a1) / (math.exp(a1) + math.exp(b1)), math.exp(b2) / (math.exp(a2) + math.exp(b2))]
     assert j.p_first == pytest.approx(sum(hand) / len(hand), abs=1e-6)
     assert len(set(j.principles)) == 2

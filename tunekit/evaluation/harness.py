@@ -86,7 +86,11 @@ def select_tasks(spec: str | list[str]) -> TaskSelection:
             if not p.is_file():
                 raise TunekitError(f"--tasks: task file '{item}' not found")
             include.append(str(p.resolve().parent))
-    manager = TaskManager(include_path=include)
+    # lm_eval's own ~15k task YAMLs take seconds to index: only when a name is not a local one
+    manager = TaskManager(include_path=include, include_defaults=False)
+    local = [i for i in items if Path(i).expanduser().is_dir() or Path(i).suffix in (".yaml", ".yml")]
+    if any(i not in manager.all_tasks and not manager.match_tasks([i]) for i in items if i not in local):
+        manager = TaskManager(include_path=include)
     names: list[str] = []
     for item in items:
         p = Path(item).expanduser()
