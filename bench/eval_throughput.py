@@ -95,10 +95,10 @@ def main() -> None:
             wall, _ = _run([sys.executable, "-m", "tunekit", "eval", args.model, "--tasks", args.tasks, *common,
                             "-o", f"{tmp}/eval{r}.json"])
             walls["tunekit"].append(wall)
-            wall, _ = _run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+            wall, _ = _run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
                             f"pretrained={folder},dtype={dtype}", "--device", "cpu", "--tasks", args.tasks,
                             "--include_path", str(TASKS_DIR), "--limit", str(args.limit),
-                            "--batch_size", str(args.batch_size), "--bootstrap_iters", "1000"])
+                            "--batch_size", str(args.batch_size)])
             walls["lm_eval"].append(wall)
     best = {p: max(r["items_per_s"] for r in rows[p]) for p in rows}
     print(f"model {args.model} ({dtype}), tasks {args.tasks}, limit {args.limit}, batch {args.batch_size}, "
