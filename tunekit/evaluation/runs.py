@@ -56,12 +56,6 @@ def read_records(data: str, limit: int | None):
     return records
 
 
-def _free(*objects: Any) -> None:
-    for o in objects:
-        del o
-    gc.collect()
-
-
 def _accuracy(value: float, n: int) -> dict[str, Any]:
     from tunekit.evaluation.report import metric
     from tunekit.evaluation.stats import wilson_interval
@@ -209,7 +203,8 @@ def evaluate_tasks(target: str, selection: Any, base: str | None = None, num_few
     model, tok = load_any(target, base, trust_remote_code)
     results = harness.run_tasks(model, tok, selection, num_fewshot=num_fewshot, limit=limit,
                                 batch_size=batch_size, apply_chat_template=apply_chat_template)
-    _free(model)
+    del model, tok
+    gc.collect()
     settings = {"tasks": selection.names, "num_fewshot": num_fewshot, "limit": limit,
                 "apply_chat_template": apply_chat_template,
                 "n_shot": results.get("n-shot"), "include_paths": selection.include_paths[1:]}
@@ -226,7 +221,8 @@ def answers_of(target: str, prompts: list[Any], base: str | None, max_new_tokens
 
     model, tok = load_any(target, base, trust_remote_code)
     texts = sample(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0, batch_size=batch_size).texts
-    _free(model)
+    del model, tok  # the next model loads into the memory this one held
+    gc.collect()
     return texts
 
 
@@ -243,7 +239,8 @@ def evaluate_judge(target: str, baseline: str, judge: str, records: list[Any], b
     theirs = answers_of(baseline, prompts, None, max_new_tokens, batch_size, trust_remote_code)
     jmodel, jtok = load_any(judge, None, trust_remote_code)
     verdicts = judging.judge_answers(jmodel, jtok, prompts, mine, theirs, questions, batch_size)
-    _free(jmodel)
+    del jmodel, jtok
+    gc.collect()
     metrics, warnings = judging.summarize(verdicts, [len(a) for a in mine], [len(a) for a in theirs])
     rows = judging.judgement_rows(prompts, mine, theirs, verdicts)
     measured = Measured("judge", f"pairwise win rate judged by {judge} (both orders, ties = ½; lengths in "
