@@ -143,6 +143,8 @@ def test_bad_task_and_option_errors_come_before_any_model(tmp_path, tiny_model_d
                           (["--judge", str(tiny_model_dir), "--data", PREF], "needs --against"),
                           (["--num-fewshot", "2", "--data", PREF], "--num-fewshot: only with --tasks"),
                           (["--judge-template", "helpful", "--data", PREF], "only with --judge"),
+                          (["--data", PREF, "--reward", "math_answr"], "did you mean 'math_answer'"),
+                          (["--data", PREF, "--reward", ""], "--reward: empty name"),
                           ([], "--data: required")):
         res = runner.invoke(app, ["eval", "no/such-model", *args])
         assert res.exit_code == 2 and message in res.output, (args, res.output)

@@ -82,10 +82,12 @@ def eval_cmd(
 
         judge_questions(judge_template)
     if reward:
-        from tunekit.rewards import RewardSpec
+        from tunekit.rewards.registry import check_params
 
         for name in reward:
-            RewardSpec(name=name)
+            if not name.strip():
+                raise TunekitError("--reward: empty name (e.g. --reward math_answer)")
+            check_params(name, {})
     inputs = [target, data, base, against, judge, judge_template]
     outputs = [output] + ([judgements_path(output)] if output is not None and mode == "judge" else [])
     held = [guard.acquire(o, inputs, overwrite) for o in outputs if o is not None]
