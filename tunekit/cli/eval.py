@@ -18,11 +18,6 @@ def register(app: typer.Typer) -> None:
                 "policy, mean reward (--reward). --against runs the baseline too and prints both.")(eval_cmd)
 
 
-def judgements_path(output: Path) -> Path:
-    """judgements.jsonl beside eval.json (or `<stem>.judgements.jsonl` beside another name)."""
-    return output.with_name("judgements.jsonl" if output.name == "eval.json" else f"{output.stem}.judgements.jsonl")
-
-
 @user_errors
 def eval_cmd(
     target: str = typer.Argument(..., help="Run directory, adapter folder, model folder, hub id or alias."),
@@ -55,9 +50,8 @@ def eval_cmd(
 ) -> None:
     from tunekit.cli.common import check_range
     from tunekit.errors import TunekitError
-    from tunekit.evaluation import report
-    from tunekit.evaluation.runs import evaluate_data, evaluate_judge, evaluate_tasks, read_records
-    from tunekit.run import guard
+    from tunekit.evaluation.command import EvalRequest, run_eval
+    from tunekit.evaluation.report import summary
 
     check_range("--max-length", max_length, 8)
     check_range("--max-new-tokens", max_new_tokens, 1)
@@ -66,94 +60,10 @@ def eval_cmd(
     check_range("--num-fewshot", num_fewshot, 0)
     if no_generate and max_new_tokens != 64:
         raise TunekitError("--max-new-tokens: no effect with --no-generate")
-    mode = "tasks" if tasks is not None else "judge" if judge is not None else "data"
-    _check_options(mode, data, against, reward, no_generate, num_fewshot, apply_chat_template, judge_template)
-    # everything the user named is checked before the output guard and any model
-    selection = None
-    records = None
-    if mode == "tasks":
-        from tunekit.evaluation.harness import select_tasks
 
-        selection = select_tasks(tasks)
-    else:
-        records = read_records(data, limit)
-    if mode == "judge":
-        from tunekit.evaluation.judge import judge_questions
-
-        judge_questions(judge_template)
-    if reward:
-        from tunekit.rewards.registry import check_params
-
-        for name in reward:
-            if not name.strip():
-                raise TunekitError("--reward: empty name (e.g. --reward math_answer)")
-            check_params(name, {})
-    inputs = [target, data, base, against, judge, judge_template]
-    outputs = [output] + ([judgements_path(output)] if output is not None and mode == "judge" else [])
-    held = [guard.acquire(o, inputs, overwrite) for o in outputs if o is not None]
-    try:
-        rows = None
-        if mode == "tasks":
-            mine = evaluate_tasks(target, selection, base, num_fewshot, limit, batch_size, apply_chat_template,
-                                  trust_remote_code)
-            theirs = (evaluate_tasks(against, selection, None, num_fewshot, limit, batch_size, apply_chat_template,
-                                     trust_remote_code) if against else None)
-        elif mode == "judge":
-            mine, rows = evaluate_judge(target, against, judge, records, base, judge_template, max_new_tokens,
-                                        batch_size, trust_remote_code)
-            theirs = None
-        else:
-            kw = dict(max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      generate=not no_generate, rewards=reward, trust_remote_code=trust_remote_code)
-            mine = evaluate_data(target, records, base, **kw)
-            theirs = evaluate_data(against, records, None, **kw) if against else None
-        details = mine.details
-        if theirs is not None and theirs.details is not None and details is not None:
-            details = {"target": details, "baseline": theirs.details}
-        doc = report.document(mine.mode, mine.measures, target, mine.metrics, mine.n, against,
-                              theirs.metrics if theirs is not None else None,
-                              {**mine.settings, **({"data": data} if data else {})}, details)
-        if mine.warnings:
-            doc["warnings"] = mine.warnings
-        report.print_table(doc)
-        for w in mine.warnings:
-            from tunekit.console import console
-
-            console.print(f"[yellow]warning:[/] {w}")
-        if output is not None:
-            if rows is not None:
-                report.write_jsonl(rows, judgements_path(output), overwrite, inputs)
-            report.write(doc, output, overwrite, inputs)
-        typer.echo(json.dumps(report.summary(doc), ensure_ascii=False))
-    finally:
-        for h in held:
-            h.release()
-
-
-def _check_options(mode: str, data: str | None, against: str | None, reward: list[str], no_generate: bool,
-                   num_fewshot: int | None, apply_chat_template: bool, judge_template: str | None) -> None:
-    """Options that do not fit the mode are errors, not silently ignored."""
-    from tunekit.errors import TunekitError
-
-    if mode == "tasks":
-        for flag, given in (("--data", data), ("--reward", reward), ("--no-generate", no_generate),
-                            ("--judge-template", judge_template)):
-            if given:
-                raise TunekitError(f"{flag}: no effect with --tasks (the tasks bring their own data and metrics)")
-        return
-    for flag, given in (("--num-fewshot", num_fewshot is not None), ("--apply-chat-template", apply_chat_template)):
-        if given:
-            raise TunekitError(f"{flag}: only with --tasks")
-    if mode == "judge":
-        if not against:
-            raise TunekitError("--judge: needs --against BASELINE (the model the target is judged against)")
-        if not data:
-            raise TunekitError("--judge: needs --data PROMPTS (held-out prompts both models answer)")
-        for flag, given in (("--reward", reward), ("--no-generate", no_generate)):
-            if given:
-                raise TunekitError(f"{flag}: no effect with --judge")
-        return
-    if judge_template:
-        raise TunekitError("--judge-template: only with --judge")
-    if not data:
-        raise TunekitError("--data: required (or --tasks NAMES for benchmarks)")
+    doc = run_eval(EvalRequest(
+        target=target, data=data, tasks=tasks, against=against, judge=judge, judge_template=judge_template,
+        num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, base=base, max_length=max_length,
+        max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size, generate=not no_generate, rewards=reward,
+        output=output, overwrite=overwrite, trust_remote_code=trust_remote_code))
+    typer.echo(json.dumps(summary(doc), ensure_ascii=False))
