@@ -13,7 +13,7 @@ from tunekit.config.schema import Recipe
 def rows(model: type[BaseModel], prefix: str = ""):
     for name, field in model.model_fields.items():
         sub = _field_model(field.annotation)
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{field.alias or name}"
         if sub is not None and typing.get_origin(field.annotation) is None and field.annotation is sub:
             yield from rows(sub, dotted + ".")
             continue

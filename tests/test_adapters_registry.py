@@ -28,7 +28,7 @@ from tunekit.adapters import (
     register,
     save_adapter,
 )
-from tunekit.config.schema import AdapterConfig
+from tunekit.config.schema import REWARD_MODEL_REFUSALS, AdapterConfig, Recipe
 from tunekit.errors import TunekitError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,20 @@ def test_every_method_is_one_registration_in_its_own_module():
     assert "other" not in REGISTRY
     with pytest.raises(TunekitError, match="unknown method 'loar'"):
         get_method("loar")
+
+
+def test_each_registration_agrees_with_the_schemas_reward_model_table():
+    """config/ owns which methods can train a reward model (a recipe is refused when it is read, without asking
+    the adapters); each adapter kind's registration says the same."""
+    methods = typing.get_args(AdapterConfig.model_fields["method"].annotation)
+    assert set(REWARD_MODEL_REFUSALS) < set(methods)
+    for method in methods:
+        assert get_method(method).seq_cls_refusal == REWARD_MODEL_REFUSALS.get(method), method
+        if method in REWARD_MODEL_REFUSALS:
+            with pytest.raises(ValueError, match=f"adapter.method={method} cannot train a reward model: .*score"):
+                Recipe(stage="rm", adapter=AdapterConfig(method=method))
+        else:
+            assert Recipe(stage="rm", adapter=AdapterConfig(method=method)).adapter.method == method
 
 
 def test_no_import_circle_and_no_merge_import_in_adapters():

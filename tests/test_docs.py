@@ -38,3 +38,47 @@ def test_readme_documents_every_command():
     assert commands, res.stdout
     for cmd in commands:
         assert f"`tunekit {cmd}" in _readme(), cmd
+
+
+def _top_level_names(file) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.parse(file.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def _dotted_resolves(ref: str) -> bool:
+    """`tunekit.a.b[.name]`: a module of the package, optionally followed by a name defined at its top level."""
+    parts = ref.split(".")
+    for cut in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:cut])
+        file = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if file.is_file():
+            rest = parts[cut:]
+            return not rest or rest[0] in _top_level_names(file)
+    return False
+
+
+def test_module_references_in_docs_resolve():
+    """Every `tunekit/...` path and `tunekit.module[.name]` in the README and docs/ (in code spans) exists, so a
+    moved module or a renamed function cannot leave the docs pointing at nothing."""
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for span in re.findall(r"`([^`\n]+)`", doc.read_text()):
+            for path in re.findall(r"(?<![\w/.])tunekit/[\w/.{},-]*", span):
+                path = path.split("{")[0].rstrip("/.")
+                if not ((ROOT / path).exists() or any(ROOT.glob(path + "*"))):
+                    missing.append(f"{doc.name}: {path}")
+            for ref in re.findall(r"(?<![\w/.])tunekit(?:\.\w+)+", span):
+                if not _dotted_resolves(ref):
+                    missing.append(f"{doc.name}: {ref}")
+    assert not missing, "docs name what does not exist:\n" + "\n".join(missing)

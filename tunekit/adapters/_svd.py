@@ -9,6 +9,7 @@ Written once here so the four methods agree bit for bit on what "the SVD of W" i
     of W alone, so SVFT can recompute them at load time and get the same U, V.
   * A fingerprint is sha256 over shape + float32 bytes of W, per module; the adapter's fingerprint is sha256
     over the sorted (name, module fingerprint) pairs.
+`own_format_kind` is the registration LoRA-XS and SVFT share (their own saved format, fingerprinted).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tunekit.adapters import AdapterKind, fold_with_plan
+from tunekit.config.schema import REWARD_MODEL_REFUSALS
 from tunekit.errors import TunekitError
 
 
@@ -275,3 +279,24 @@ def write_json(file: Any, data: dict[str, Any]) -> None:
 def base_name_of(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "_name_or_path", None) or None
+
+
+def own_format_kind(name: str, build: Callable[..., Any], description: str, *, config_file: str, weights_file: str,
+                    plan_merge: Callable[..., Any], summable: Callable[[str], bool], **more: Any) -> AdapterKind:
+    """LoRA-XS and SVFT: an adapter kind saved in its own format (its config file with the base's fingerprints,
+    its weights file): detected by that config file, folded in memory with the same plan `tunekit merge`
+    streams, summable, and unable to train a reward model (the format has no place for the `score` head)."""
+    return AdapterKind(
+        name,
+        build,
+        description,
+        detect=lambda folder: (Path(folder) / config_file).is_file(),
+        fold=lambda model, folder: fold_with_plan(model, folder, plan_merge),
+        plan_merge=plan_merge,
+        summable=summable,
+        seq_cls_refusal=REWARD_MODEL_REFUSALS[name],
+        config_file=config_file,
+        weights_file=weights_file,
+        ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),
+        **more,
+    )

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunekit.adapters import AdapterKind, AttachContext, fold_with_plan, register
+from tunekit.adapters import AttachContext, register
 from tunekit.adapters import _svd as S
 from tunekit.adapters.lora import prepare_base
 from tunekit.config.schema import AdapterConfig
@@ -255,32 +255,23 @@ def plan_merge(folder: Path, base: Any) -> dict[str, Any]:
     return S.fingerprinted_edits(modules, base, quant, where)
 
 
-def is_lora_xs(folder: Path) -> bool:
-    return (Path(folder) / CONFIG).is_file()
-
-
 def summable(tensor_name: str) -> bool:
     """adapter_sum adds R; A and B must be bit-identical (same base, same SVD)."""
     return tensor_name.endswith(".lora_xs_R")
 
 
 KIND = register(
-    AdapterKind(
+    S.own_format_kind(
         "lora_xs",
         build_lora_xs,
         "LoRA-XS: W + s·(U_r S_r) R V_r^T, only R (r x r) trains",
-        save=lambda model, cfg, out: save_lora_xs(model, out),
-        detect=is_lora_xs,
-        load=load_lora_xs,
-        fold=lambda model, folder: fold_with_plan(model, folder, plan_merge),
-        plan_merge=plan_merge,
-        summable=summable,
-        finalize=export_peft_lora,  # the summed R needs a fresh plain-LoRA export
-        export_lora=lambda folder: Path(folder) / PEFT_EXPORT,
-        seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
-        "model must train and save; use lora, dora or none",
         config_file=CONFIG,
         weights_file=WEIGHTS,
-        ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),
+        plan_merge=plan_merge,
+        summable=summable,
+        save=lambda model, cfg, out: save_lora_xs(model, out),
+        load=load_lora_xs,
+        finalize=export_peft_lora,  # the summed R needs a fresh plain-LoRA export
+        export_lora=lambda folder: Path(folder) / PEFT_EXPORT,
     )
 )

@@ -26,7 +26,7 @@ import torch
 from tunekit.adapters import AdapterKind, AttachContext, register
 from tunekit.adapters import lora as L
 from tunekit.adapters._svd import dense_weight, set_weight, svd
-from tunekit.config.schema import AdapterConfig
+from tunekit.config.schema import REWARD_MODEL_REFUSALS, AdapterConfig
 from tunekit.errors import TunekitError
 
 
@@ -121,9 +121,7 @@ def svd_lora_kind(name: str, build: Any, description: str) -> AdapterKind:
         plan_merge=L.plan_merge,
         sum_refusal=L.SUM_REFUSAL,
         export_lora=lambda folder: Path(folder),
-        seq_cls_refusal="PEFT 0.21's conversion to a plain LoRA at save time (path_initial_model_for_weight_"
-        "conversion) fails on the `score` head a reward model must save (KeyError 'score.weight'); use lora, "
-        "dora or none",
+        seq_cls_refusal=REWARD_MODEL_REFUSALS[name],
     )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunekit.adapters import AdapterKind, AttachContext, fold_with_plan, register
+from tunekit.adapters import AttachContext, register
 from tunekit.adapters import _svd as S
 from tunekit.adapters.lora import prepare_base
 from tunekit.config.schema import AdapterConfig, SVFTConfig
@@ -299,32 +299,23 @@ def plan_merge(folder: Path, base: Any) -> dict[str, Any]:
     return S.fingerprinted_edits(modules, base, quant, where)
 
 
-def is_svft(folder: Path) -> bool:
-    return (Path(folder) / CONFIG).is_file()
-
-
 def summable(tensor_name: str) -> bool:
     """adapter_sum adds M; the pattern indices must be bit-identical."""
     return tensor_name.endswith(".svft_M")
 
 
 KIND = register(
-    AdapterKind(
+    S.own_format_kind(
         "svft",
         build_svft,
         "SVFT: W + U M V^T, only the sparse M trains",
-        save=save_svft,
-        detect=is_svft,
-        load=load_svft,
-        fold=lambda model, folder: fold_with_plan(model, folder, plan_merge),
-        plan_merge=plan_merge,
-        summable=summable,
-        export_refusal="U·M·V^T has rank up to min(d_out, d_in) (M spans all kept singular vectors), so a LoRA "
-        "holding it would be as large as the weight; fold it into the base with `tunekit merge --adapter`",
-        seq_cls_refusal="its saved format holds only the wrapped linear layers, not the `score` head a reward "
-        "model must train and save; use lora, dora or none",
         config_file=CONFIG,
         weights_file=WEIGHTS,
-        ignore_config_keys=("base_model_name_or_path", "inference_mode", "peft_version", "revision"),
+        plan_merge=plan_merge,
+        summable=summable,
+        save=save_svft,
+        load=load_svft,
+        export_refusal="U·M·V^T has rank up to min(d_out, d_in) (M spans all kept singular vectors), so a LoRA "
+        "holding it would be as large as the weight; fold it into the base with `tunekit merge --adapter`",
     )
 )

@@ -6,15 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tunekit.cli.common import user_errors
-
-
-def register(app: typer.Typer) -> None:
-    app.command(
-        "cai",
-        help="Constitutional AI: critique/revision SFT, then AI-feedback preferences trained with DPO "
-        "(phases critique, sft, feedback, dpo, eval; see docs/cai.md).",
-    )(cai)
+from tunekit.cli.common import one_command, user_errors
 
 
 @user_errors
@@ -38,3 +30,9 @@ def cai(
 
     path = run_cai(cfg, phase=phase, overwrite=overwrite, resume=resume)
     typer.echo(f"cai run: {path}")
+
+
+register = one_command(
+    "cai", cai, help="Constitutional AI: critique/revision SFT, then AI-feedback preferences trained with DPO "
+    "(phases critique, sft, feedback, dpo, eval; see docs/cai.md).",
+)

@@ -93,6 +93,16 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def one_command(name: str, command: Callable[..., Any], help: str | None = None) -> Callable[[typer.Typer], None]:
+    """The `register(app)` of a module that adds one command: `tunekit NAME` runs `command` (help: its docstring
+    unless given)."""
+
+    def register(app: typer.Typer) -> None:
+        app.command(name, help=help)(command)
+
+    return register
+
+
 def check_range(option: str, value: float | int | None, low: float | None = None, high: float | None = None) -> None:
     """A CLI option's value must lie in [low, high] (None = unbounded); None values are not checked."""
     import math

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tunekit.cli.common import user_errors
+from tunekit.cli.common import one_command, user_errors
 
 HELP = """Merge models (mergekit YAML configs), or fold an adapter into its base.
 
@@ -64,5 +64,4 @@ def merge(
     )
 
 
-def register(app: typer.Typer) -> None:
-    app.command("merge", help=HELP)(merge)
+register = one_command("merge", merge, help=HELP)

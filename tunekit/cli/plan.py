@@ -6,15 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tunekit.cli.common import user_errors
-
-
-def register(app: typer.Typer) -> None:
-    app.command(
-        "plan",
-        help="Will it fit? Per-GPU memory of a recipe from config.json alone (no weights read), and the fastest "
-        "configuration that fits the budget.",
-    )(plan)
+from tunekit.cli.common import one_command, user_errors
 
 
 @user_errors
@@ -26,7 +18,9 @@ def plan(
     strategy: str = typer.Option(
         "auto", "--strategy", help="ddp|zero1|zero2|zero3|zero3_offload|fsdp2|auto (auto = the recipe's / ddp)."
     ),
-    stage: str = typer.Option(None, "--stage", help="Plan for this stage (sft, rm, dpo, grpo, ppo, cai)."),
+    stage: str = typer.Option(
+        None, "--stage", help="Plan for this stage (sft, rm, dpo, grpo, ppo, rloo, distill, cai)."
+    ),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set data.max_length=2048"),
     apply: Path = typer.Option(None, "--apply", help="Write the recommended configuration into this recipe."),
 ) -> None:
@@ -46,3 +40,9 @@ def plan(
             raise TunekitError(f"nothing fits in {gpu_mem} per GPU; --apply wrote nothing")
         apply.write_text(dump_recipe(apply_to_recipe(cfg, result.recommendation.setup)), encoding="utf-8")
         typer.echo(f"wrote {apply}")
+
+
+register = one_command(
+    "plan", plan, help="Will it fit? Per-GPU memory of a recipe from config.json alone (no weights read), and the "
+    "fastest configuration that fits the budget.",
+)

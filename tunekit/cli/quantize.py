@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tunekit.cli.common import user_errors
+from tunekit.cli.common import one_command, user_errors
 
 
 @user_errors
@@ -74,5 +74,4 @@ def quantize_cmd(
     )
 
 
-def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize_cmd)
+register = one_command("quantize", quantize_cmd)

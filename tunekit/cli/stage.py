@@ -1,4 +1,4 @@
-"""One Typer command shape for every training stage (sft, rm, dpo, grpo, ppo, cai):
+"""One Typer command shape for every training stage (sft, rm, dpo, grpo, ppo, rloo, distill, cai):
 
     tunekit STAGE RECIPE.yaml [--set KEY=VALUE]... [--output DIR] [--overwrite] [--resume] [--dry-run]
                               [--print-config]
@@ -86,6 +86,10 @@ STAGES: dict[str, tuple[str, str]] = {
              "tunekit.stages.grpo:run_grpo"),
     "ppo": ("RLHF with PPO: a reward model (`tunekit rm` run) and/or verifiable rewards, per-token KL to the "
             "reference, GAE, clipped policy and value losses.", "tunekit.stages.ppo:run_ppo"),
+    "rloo": ("REINFORCE Leave-One-Out on prompts with the same rewards as grpo: A_i = r_i − mean of the other "
+             "k−1 samples' rewards.", "tunekit.stages.rloo:run_rloo"),
+    "distill": ("On-policy distillation (GKD) from a teacher sharing the student's tokenizer: generalised JSD per "
+                "token.", "tunekit.stages.distill:run_distill"),
 }
 
 

@@ -132,7 +132,7 @@ def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. `adapter.r`, `data.train.weight`."""
     keys = []
     for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{field.alias or name}"  # the YAML key (`distill.lambda` for the field lambda_)
         keys.append(dotted)
         sub = _field_model(field.annotation)
         if sub is not None:

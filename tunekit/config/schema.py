@@ -12,16 +12,23 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tunekit.cai.config import CaiConfig
 from tunekit.config.sections import Section
-from tunekit.config.stages import STAGE_SECTIONS, DPOConfig, GRPOConfig, RMConfig
-from tunekit.ppo.config import PPOConfig
-from tunekit.rewards.spec import RewardSpec
+from tunekit.config.stages import (
+    STAGE_SECTIONS,
+    CaiConfig,
+    DistillConfig,
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    RLOOConfig,
+    RMConfig,
+)
+from tunekit.rewards.registry import RewardSpec
 
 DataFormat = Literal[
     "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "preference_transcript", "prompt"
 ]
-Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai"]
+Stage = Literal["sft", "rm", "dpo", "grpo", "ppo", "cai", "rloo", "distill"]
 
 
 def one_of(key: str, value: str, valid: Iterable[str]) -> str:
@@ -173,6 +180,23 @@ class SVFTConfig(Section):
         "the rest of W stays frozen. Default: all (n = min(d_out, d_in)).",
     )
     seed: int = Field(0, description="`random`: seed of the pattern (saved with the adapter).")
+
+
+_SCORE_HEAD_NOT_SAVED = ("its saved format holds only the wrapped linear layers, not the `score` head a reward "
+                         "model must train and save; use lora, dora or none")
+_PEFT_CONVERSION_FAILS = ("PEFT 0.21's conversion to a plain LoRA at save time (path_initial_model_for_weight_"
+                          "conversion) fails on the `score` head a reward model must save (KeyError 'score.weight'); "
+                          "use lora, dora or none")
+#: adapter.method -> why it cannot train a reward model (`tunekit rm`: a sequence-classification model whose
+#: `score` head trains in full); the methods not listed can. The recipe is refused when it is read; each adapter
+#: kind's registration carries the same fact (`AdapterKind.seq_cls_refusal`, checked by
+#: tests/test_adapters_registry.py).
+REWARD_MODEL_REFUSALS: dict[str, str] = {
+    "pissa": _PEFT_CONVERSION_FAILS,
+    "milora": _PEFT_CONVERSION_FAILS,
+    "lora_xs": _SCORE_HEAD_NOT_SAVED,
+    "svft": _SCORE_HEAD_NOT_SAVED,
+}
 
 
 class AdapterConfig(Section):
@@ -330,9 +354,11 @@ class Recipe(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="`tunekit dpo` (and cai's preference phase).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="`tunekit grpo` only.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="`tunekit ppo` only.")
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="`tunekit rloo` only.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="`tunekit distill` only.")
     rewards: list[RewardSpec] = Field(
         default_factory=list,
-        description="grpo/ppo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
+        description="grpo/ppo/rloo: weighted rewards, e.g. [{name: math_answer, weight: 1.0}]; other keys of an entry "
         "are the reward's parameters (docs/rewards.md).",
     )
     cai: CaiConfig = Field(default_factory=CaiConfig, description="Constitutional AI (`tunekit cai`).")
@@ -343,25 +369,28 @@ class Recipe(Section):
     def _sections_of_this_stage(self) -> Recipe:
         for name in sorted(self.foreign_sections() & self.model_fields_set):
             raise ValueError(foreign_section_message(name, self.stage))
-        if self.stage == "rm":
-            from tunekit.adapters import get_kind
-
-            refusal = get_kind(self.adapter.method).seq_cls_refusal
-            if refusal:
-                raise ValueError(f"adapter.method={self.adapter.method} cannot train a reward model: {refusal}")
+        if self.stage == "rm" and self.adapter.method in REWARD_MODEL_REFUSALS:
+            raise ValueError(f"adapter.method={self.adapter.method} cannot train a reward model: "
+                             f"{REWARD_MODEL_REFUSALS[self.adapter.method]}")
         if self.stage == "grpo" and not self.rewards:
             raise ValueError("tunekit grpo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
         if self.stage == "ppo" and not self.rewards:
             raise ValueError("tunekit ppo needs `rewards:`, e.g. rewards: [{name: reward_model, path: runs/rm}]")
         if self.stage == "ppo" and self.train.max_steps < 1:
             raise ValueError("tunekit ppo needs train.max_steps >= 1 (PPO steps, one rollout batch each)")
-        if self.stage == "grpo":
+        if self.stage == "rloo" and not self.rewards:
+            raise ValueError("tunekit rloo needs `rewards:`, e.g. rewards: [{name: math_answer, weight: 1.0}]")
+        if self.stage in ("grpo", "rloo"):
+            k = getattr(self, self.stage).num_generations
             rows = self.train.batch_size * self.train.grad_accum
-            if rows % self.grpo.num_generations:
+            if rows % k:
                 raise ValueError(
-                    f"grpo.num_generations ({self.grpo.num_generations}) must divide train.batch_size x "
+                    f"{self.stage}.num_generations ({k}) must divide train.batch_size x "
                     f"train.grad_accum ({rows}): each prompt's group of completions is one batch slice"
                 )
+        if self.stage == "distill" and not self.distill.teacher:
+            raise ValueError("distill.teacher: tunekit distill needs a teacher, e.g. distill: {teacher: runs/demo} "
+                             "(a model, hub id or run directory sharing the student's tokenizer)")
         return self
 
     def foreign_sections(self) -> set[str]:

@@ -1,4 +1,5 @@
-"""Recipe sections of the preference and RL stages, beside `train`: `rm:`, `dpo:`, `grpo:`.
+"""Recipe sections of the preference and RL stages, beside `train`: `rm:`, `dpo:`, `grpo:`, `rloo:`, `distill:`,
+`ppo:`, `cai:`.
 
 Each section belongs to one stage (`STAGE_SECTIONS`); a recipe for another stage that sets it is an error that
 names the stage it belongs to. Names TRL would only reject at the first training step (DPO loss types, GRPO loss
@@ -7,9 +8,9 @@ types) are checked here, when the recipe is read.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunekit.config.sections import Section
 
@@ -97,6 +98,10 @@ class GRPOConfig(Section):
     )
     use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
     log_completions_steps: int = Field(10, ge=0, description="Write completions to completions.jsonl every N steps.")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="`token`: one ratio π/π_old per token (GRPO); `sequence`: GSPO (Zheng et al., 2025), "
+        "one length-normalised ratio per completion, s_i = exp(mean_t log(π/π_old)), with loss_type grpo."
+    )
 
     @field_validator("loss_type")
     @classmethod
@@ -105,6 +110,177 @@ class GRPOConfig(Section):
             raise ValueError(f"unknown GRPO loss '{v}'{_did_you_mean(v, GRPO_LOSS_TYPES)}; "
                              f"known: {', '.join(GRPO_LOSS_TYPES)}")
         return v
+
+    @model_validator(mode="after")
+    def _sequence_ratio_needs_a_sequence_loss(self) -> GRPOConfig:
+        """TRL only warns; a GSPO ratio under a token-summing loss is not GSPO's objective, so refuse it here."""
+        if self.importance_sampling_level == "sequence" and self.loss_type in SEQUENCE_LEVEL_REFUSED:
+            raise ValueError(
+                f"grpo.importance_sampling_level: sequence (GSPO) needs a per-sequence loss, and loss_type "
+                f"'{self.loss_type}' sums token terms (each completion weighted by its length); set "
+                "grpo.loss_type: grpo (GSPO's objective), sapo or luspo")
+        return self
+
+
+# Loss types whose token sums (or own sequence weights, vespo) make a sequence-level ratio something else than GSPO.
+SEQUENCE_LEVEL_REFUSED = ("dapo", "bnpo", "dr_grpo", "cispo", "vespo")
+
+
+class RLOOConfig(Section):
+    """REINFORCE Leave-One-Out (Ahmadian et al., 2024): for the k completions of a prompt,
+    A_i = r_i − (1/(k−1)) Σ_{j≠i} r_j, in a clipped sequence-level policy gradient; with β > 0 the reward is
+    r_i − β Σ_t (log π_old − log π_ref) (the KL estimate folded into the reward, as in the paper)."""
+
+    num_generations: int = Field(4, ge=2, description="k: completions sampled per prompt (the baseline uses k−1).")
+    max_completion_length: int = Field(128, ge=1, description="Token budget of each completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(0.05, ge=0, description="KL penalty in the reward (0 = no reference model).")
+    epsilon: float = Field(0.2, gt=0, description="Clip range ε of the sequence ratio π/π_old.")
+    num_iterations: int = Field(1, ge=1, description="Policy updates per batch of generations (μ).")
+    normalize_advantages: bool = Field(False, description="Scale advantages to mean 0, std 1 over the batch.")
+    mask_truncated_completions: bool = Field(
+        False, description="Exclude completions cut at max_completion_length from the loss (DAPO)."
+    )
+    use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
+    log_completions_steps: int = Field(10, ge=0, description="Write completions to completions.jsonl every N steps.")
+
+
+class DistillConfig(Section):
+    """On-policy distillation (Agarwal et al., 2024, GKD): on a share λ of the batches the student answers the
+    prompts itself, else the data's answers are used; the loss is the generalised JSD per completion token,
+    JSD_β = β KL(p_T ‖ m) + (1−β) KL(p_S ‖ m), m = β p_T + (1−β) p_S (β = 0: forward KL(p_T ‖ p_S),
+    β = 1: reverse KL(p_S ‖ p_T))."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    teacher: str | None = Field(
+        None, description="The teacher: anything tunekit loads (alias, model folder, hub id, a run directory or "
+        "adapter, folded in), with the student's `model` options (dtype, 4/8-bit, attention), frozen. It must share "
+        "the student's tokenizer (checked before any work)."
+    )
+    lambda_: float = Field(
+        1.0, ge=0, le=1, alias="lambda",
+        description="λ: share of batches the student generates itself (on-policy); the rest use the data's "
+        "answers (supervised KD, needs conversations or prompt/completion records).",
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="β of the generalised JSD: 0 forward KL, 1 reverse KL.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampling and of both distributions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's own answers.")
+    max_completion_length: int = Field(128, ge=1, description="Token budget of each completion.")
+    use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
+
+
+class PPOConfig(Section):
+    """PPO with a learned value (Schulman et al., 2017; RLHF as Ouyang et al., 2022): the clipped objective
+    min(ρ A, clip(ρ, 1 − ε, 1 + ε) A) on GAE advantages of the KL-shaped reward. Optimiser, steps, seed and
+    checkpointing come from `train:` (train.max_steps = PPO steps, one rollout batch each); rewards are the
+    recipe's top-level `rewards:` list (a `tunekit rm` run is `{name: reward_model, path: RUN}`)."""
+
+    # rollouts
+    prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per PPO step.")
+    samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt (rollout batch = prompts × samples).")
+    max_new_tokens: int = Field(48, ge=1, description="Response length budget; longer responses are truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the log-probs use the same one).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts per `generate` call.")
+    # optimisation
+    epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch.")
+    minibatch_size: int | None = Field(
+        None, ge=1, description="Rows per optimizer step within an epoch; default: the whole rollout batch."
+    )
+    clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip ε: ρ is kept in [1−ε, 1+ε].")
+    value_clip: float | None = Field(0.2, gt=0, description="Value clip: V stays within ±c of V_old (None = off).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (0 = off).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over each rollout batch.")
+    # reward shaping
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty against the reference.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log π/π_ref, k3 ≥ 0.")
+    target_kl: float | None = Field(
+        None, gt=0, description="Adaptive β toward this KL per response (Ziegler et al. 2019); None = fixed β."
+    )
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive β horizon (rollouts).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of responses truncated without EOS."
+    )
+    whiten_rewards: bool = Field(False, description="Whiten sequence scores over each rollout batch.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip sequence scores to [−c, c].")
+    # models
+    value_model: Literal["shared", "separate"] = Field(
+        "shared", description="`shared` = a value head on the policy's backbone; `separate` = its own backbone."
+    )
+    value_model_name: str | None = Field(
+        None, description="`separate`: backbone to start the value model from (a folder or hub id; a reward "
+        "model's score head seeds the value head). Default: the policy's base."
+    )
+    # logging
+    samples_every: int = Field(10, ge=0, description="Write rollout samples to samples/ every N steps (0 = off).")
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> PPOConfig:
+        rows = self.prompts_per_step * self.samples_per_prompt
+        if self.minibatch_size is not None and self.minibatch_size > rows:
+            raise ValueError(
+                f"ppo.minibatch_size={self.minibatch_size} exceeds the rollout batch "
+                f"(prompts_per_step × samples_per_prompt = {rows})"
+            )
+        return self
+
+    @property
+    def rollout_rows(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+class CaiConfig(BaseModel):
+    """Constitutional AI (Bai et al., 2022, arXiv:2212.08073): phase 1 critiques and revises answers against
+    sampled principles and fine-tunes on the revisions (an `sft` sub-run); phase 2 trains with DPO on the feedback
+    model's judgements of response pairs (a `dpo` sub-run). See tunekit/stages/cai.py."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    constitution: str | None = Field(
+        None, description="Constitution YAML (see docs/cai.md); default: the shipped helpful/honest/harmless one."
+    )
+    prompts: str | None = Field(
+        None, description="Prompt jsonl (`prompt`: string or message list); default: the shipped red-team prompts."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (None = all).")
+    eval_prompts: str | None = Field(
+        "heldout",
+        description="Prompts of the `eval` phase (final vs start model, judged by the feedback model): a jsonl, "
+        "`heldout` = the shipped held-out split, null = skip the phase.",
+    )
+    eval_max_prompts: int | None = Field(None, ge=1, description="Use at most this many eval prompts.")
+    critic_model: str | None = Field(None, description="Model that writes critiques; default: the policy itself.")
+    feedback_model: str | None = Field(
+        None, description="Model that judges response pairs in phase 2; default: `model.name` (the start model)."
+    )
+    revision_rounds: int = Field(1, ge=1, le=8, description="Critique → revision rounds per prompt (phase 1).")
+    few_shot: bool = Field(True, description="Prepend a principle's examples to its critique/revision requests.")
+    max_new_tokens: int = Field(96, ge=1, description="Length budget of answers and revisions.")
+    critique_max_new_tokens: int = Field(64, ge=1, description="Length budget of critiques.")
+    temperature: float = Field(0.0, ge=0, description="Phase-1 sampling temperature (0 = greedy).")
+    pair_temperature: float = Field(
+        1.0, gt=0, description="Phase 2: temperature of the two responses sampled per prompt."
+    )
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (when sampling).")
+    principles_per_judgement: int = Field(
+        2, ge=1, description="Principles sampled per pair; the preference is averaged over them and both orders."
+    )
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="Drop pairs whose confidence |2p − 1| is below this (0 = keep all)."
+    )
+    generation_batch_size: int = Field(8, ge=1, description="Prompts per generation / scoring batch.")
+    sft_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Recipe keys set on the phase-1 SFT sub-run, e.g. `{train.max_steps: 20}`."
+    )
+    dpo_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Recipe keys set on the phase-2 DPO sub-run, e.g. `{dpo.beta: 0.1}`."
+    )
 
 
 #: stage -> the sections only it reads (besides model, data, adapter, train, generate, output).
@@ -115,4 +291,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "grpo": ("grpo", "rewards"),
     "ppo": ("ppo", "rewards"),
     "cai": ("cai", "dpo"),
+    "rloo": ("rloo", "rewards"),
+    "distill": ("distill",),
 }

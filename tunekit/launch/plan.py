@@ -24,7 +24,7 @@ from tunekit.errors import TunekitError
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")
-STAGES = ("sft", "rm", "dpo", "grpo", "ppo", "cai")
+STAGES = ("sft", "rm", "dpo", "grpo", "ppo", "cai", "rloo", "distill")
 # usable share of a GPU: the CUDA context, NCCL buffers and allocator fragmentation take the rest
 USABLE_SHARE = 0.9
 DEEPSPEED_BUCKET = 50_000_000  # elements; the reduce/allgather bucket our generated DeepSpeed JSON sets
@@ -395,6 +395,11 @@ def estimate_setup(shape: ModelShape, s: Setup, gpu_mem: float) -> Plan:
     if s.stage == "ppo":
         extra_models = 2 + (1 if s.full else 0)  # value model + reward model (+ reference copy when full)
         notes.append("ppo: value and reward models assumed the size of the policy")
+    if s.stage == "rloo" and s.full:
+        extra_models = 1  # frozen reference copy when rloo.beta > 0 (with an adapter: a copy of the adapter only)
+    if s.stage == "distill":
+        extra_models = 1
+        notes.append("distill: teacher assumed the size of the student")
     if extra_models:
         copy = base / P if sharded else base
         rows.append(Row("reference/value", extra_models * copy, f"{extra_models} frozen copies of the base"))

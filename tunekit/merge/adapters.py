@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunekit.adapters import AdapterKind, TensorEdits, kind_of
+from tunekit.adapters import TensorEdits
 from tunekit.errors import TunekitError
 from tunekit.merge.io import SafetensorsFolder, ShardedWriter, normalize_dtype, parse_size
+from tunekit.merge.output import Log, byte_progress, copy_support_files, log_to_stderr, write_model_card
+from tunekit.merge.sources import ResolvedAdapter, check_not_quantized, resolve_adapter, resolve_model
 
-Log = Callable[[str], None]
+__all__ = ["ResolvedAdapter", "adapter_edits", "base_chain", "merge_adapter", "resolve_adapter", "sum_adapters"]
 FOUR_BIT_NOTE = (
     "note: the run trained on a 4-bit quantized base; merging into the 16-bit base weights on disk instead "
     "(merging into 4-bit weights changes generations, a known PEFT issue)"
 )
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -43,34 +39,6 @@ def _load_tensors(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise TunekitError(f"adapter weights '{file}' not found")
     return load_file(str(file))
-
-
-# ------------------------------------------------------------------------------------------------ resolving
-
-
-@dataclass
-class ResolvedAdapter:
-    folder: Path
-    kind: AdapterKind
-    base_hint: str | None  # base model named by the run's recipe or the adapter config
-    load_in_4bit: bool
-
-
-def resolve_adapter(path: str | Path) -> ResolvedAdapter:
-    """A PEFT/tunekit adapter folder, or a tunekit run directory (RUN/recipe.yaml + RUN/adapter/)."""
-    from tunekit.run.locate import locate
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise TunekitError(f"adapter '{path}' not found")
-    loc = locate(path)
-    if loc is None or loc.adapter_dir is None:
-        if loc is not None and loc.kind == "run":
-            raise TunekitError(f"run '{path}' is a full fine-tune: {loc.model_dir} is already a merged model")
-        raise TunekitError(f"'{path}' is a model folder, not an adapter or a run with an adapter")
-    kind = kind_of(loc.adapter_dir)
-    base = loc.base
-    return ResolvedAdapter(loc.adapter_dir, kind, base.name if base else None, bool(base and base.load_in_4bit))
 
 
 def adapter_edits(adapter: str | Path, base: SafetensorsFolder) -> TensorEdits:
@@ -114,7 +82,7 @@ def merge_adapter(
     overwrite: bool = False,
     shard_size: str | int = "5GB",
     progress: bool = True,
-    log: Log = _stderr,
+    log: Log = log_to_stderr,
 ) -> Path:
     """Fold `adapter` (adapter folder or tunekit run dir) into `base` and write a full model folder to
     `output`.
@@ -125,13 +93,6 @@ def merge_adapter(
     """
     import torch
 
-    from tunekit.merge.engine import (
-        _copy_support_files,
-        byte_progress,
-        check_not_quantized,
-        resolve_model,
-        write_model_card,
-    )
     from tunekit.run.atomic import atomic_output, check_output
 
     output = check_output(output, overwrite, inputs=[base, adapter])
@@ -173,7 +134,7 @@ def merge_adapter(
                     writer.write(name, chunk)
                     bar.advance(task, chunk.numel() * chunk.element_size())
         writer.close()
-        _copy_support_files(base_path, base_path, tmp, out_dtype)
+        copy_support_files(base_path, base_path, tmp, out_dtype)
         copied_tok = [p.name for p in res.folder.glob("tokenizer*") if p.is_file()]
         for name in copied_tok:
             shutil.copy2(res.folder / name, tmp / name)
@@ -206,7 +167,7 @@ def sum_adapters(
     output: str | Path,
     *,
     overwrite: bool = False,
-    log: Log = _stderr,
+    log: Log = log_to_stderr,
 ) -> Path:
     """adapter_sum: one adapter whose trainable tensors are Σ_i w_i·T_i over N adapters of one summable type.
 

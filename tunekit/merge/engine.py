@@ -3,402 +3,27 @@ to disk.
 
 Peak memory is a few float32 chunks (see `methods.CHUNK_ELEMS`) plus, for the methods that need a whole tensor (ties,
 breadcrumbs, model_stock, nuslerp, karcher, sce), one whole tensor per model; it does not grow with the model.
-Nothing is written until every input, name, shape and parameter has been checked.
+Nothing is written until every input, name, shape and parameter has been checked (plan.py).
+
+The driver on top of the merge package: config.py (the YAML), sources.py (inputs), plan.py (what to write),
+methods.py (the math), io.py (safetensors streaming), output.py (support files, card), tokenizer.py, adapters.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-import shutil
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunekit.errors import TunekitError
-from tunekit.merge.config import ADAPTER_SUM, MergeConfig, OutputSlice, load_config
-from tunekit.merge.io import ShardedWriter, TensorInfo, normalize_dtype, parse_size
-from tunekit.merge.methods import METHODS, REQUIRED, MethodSpec, TensorInputs, row_chunks
-from tunekit.merge.sources import ModelSource, open_source
+from tunekit.merge.config import ADAPTER_SUM, MergeConfig, load_config
+from tunekit.merge.io import ShardedWriter, parse_size
+from tunekit.merge.methods import METHODS, REQUIRED, TensorInputs, row_chunks
+from tunekit.merge.output import Log, byte_progress, copy_support_files, log_to_stderr, write_model_card
+from tunekit.merge.plan import TensorPlan, plan_merge
+from tunekit.merge.sources import check_not_quantized, open_source
 
 DEFAULT_SHARD_SIZE = "5GB"
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_INPUT_EMBED_RE = re.compile(r"(embed_tokens|wte|wpe|embed_in|word_embeddings|embeddings)\.weight$")
-_EMBED_RE = re.compile(r"(embed_tokens|wte|embed_in|word_embeddings|lm_head|embed_out)\.weight$")
-
-Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-def resolve_model(name: str | Path) -> Path:
-    """A local model folder, a tunekit alias or a hub id from the hub cache (see `tunekit.merge.sources`)."""
-    from tunekit.merge.sources import resolve_model_path
-
-    if "+" in str(name) and not Path(name).expanduser().exists():
-        raise TunekitError(f"model '{name}': a MODEL+ADAPTER reference is not a base model folder")
-    return resolve_model_path(str(name))
-
-
-def read_model_config(folder: Path) -> dict[str, Any]:
-    file = folder / "config.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TunekitError(f"{file}: invalid JSON ({exc})") from None
-
-
-def check_not_quantized(folder: Path, label: str) -> None:
-    cfg = read_model_config(folder)
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "quantized")
-        raise TunekitError(
-            f"model '{label}' is {method}-quantized; merge the unquantized 16/32-bit weights instead"
-        )
-
-
-def layer_fraction(name: str, num_layers: int) -> float:
-    """mergekit 0.1.5's gradient position: layer i of L -> i/(L-1) (1 for a single layer); every non-layer
-    tensor (embeddings, final norm, lm_head) 0, as its planner (checked against mergekit's output in tests)."""
-    m = _LAYER_RE.search(name)
-    if m:
-        return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
-    return 0.0
-
-
-def count_layers(config: dict[str, Any], names: list[str]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    idx = [int(m.group(1)) for n in names if (m := _LAYER_RE.search(n))]
-    return max(idx) + 1 if idx else 1
-
-
-@dataclass
-class TensorPlan:
-    name: str  # output tensor name
-    shape: tuple[int, ...]
-    out_dtype: str
-    spec: MethodSpec | None  # None: copy sources[0] unchanged (non-float tensors)
-    params: dict[str, Any]
-    tensor_params: list[dict[str, Any]]
-    base_index: int | None
-    sources: list[tuple[ModelSource, str]] = field(default_factory=list)  # (input model, input tensor name)
-
-
-def _check_same_tensors(ref: ModelSource, others: list[ModelSource], vocab_aligned: bool) -> None:
-    """`models:` form: every model has the same tensor names, shapes and float-ness as the reference."""
-    for f in others:
-        if f is ref:
-            continue
-        for n in ref.names():
-            if n not in f:
-                raise TunekitError(f"tensor '{n}' is in model '{ref.label}' but missing from model '{f.label}'")
-        for n in f.names():
-            if n not in ref:
-                raise TunekitError(f"tensor '{n}' is in model '{f.label}' but missing from model '{ref.label}'")
-        for n in ref.names():
-            _check_pair(ref, n, f, n, vocab_aligned)
-
-
-def _check_pair(a: ModelSource, an: str, b: ModelSource, bn: str, vocab_aligned: bool = False) -> None:
-    """Same shape (vocabulary tensors may differ in rows when a tokenizer merge aligns them) and float-ness."""
-    ia, ib = a.info(an), b.info(bn)
-    if vocab_aligned and _EMBED_RE.search(an) and ia.shape[1:] == ib.shape[1:]:
-        pass
-    elif ia.shape != ib.shape:
-        hint = " (different vocabularies: use tokenizer_source: union or a tokenizer: block)" if _EMBED_RE.search(
-            an
-        ) else ""
-        where = f"tensor '{an}'" if an == bn else f"tensors '{an}' / '{bn}'"
-        raise TunekitError(
-            f"{where}: shape {list(ia.shape)} in model '{a.label}' but {list(ib.shape)} in model '{b.label}'{hint}"
-        )
-    if ia.is_float != ib.is_float:
-        raise TunekitError(f"tensor '{an}': dtype {ia.dtype} in '{a.label}' but {ib.dtype} in '{b.label}'")
-
-
-def _layer_name(name: str, index: int) -> str:
-    """`model.layers.7.mlp.up_proj.weight` with its layer number replaced by `index`."""
-    m = _LAYER_RE.search(name)
-    assert m is not None
-    return name[: m.start(1)] + str(index) + name[m.end(1) :]
-
-
-def split_layers(src: ModelSource) -> tuple[list[str], dict[int, list[str]], list[str]]:
-    """A model's tensors as mergekit's architecture sees them: pre-layer (input embeddings), per layer, post."""
-    pre, post, layers = [], [], {}
-    for n in src.names():
-        m = _LAYER_RE.search(n)
-        if m:
-            layers.setdefault(int(m.group(1)), []).append(n)
-        elif _INPUT_EMBED_RE.search(n):
-            pre.append(n)
-        else:
-            post.append(n)
-    return pre, layers, post
-
-
-@dataclass
-class _Group:
-    """One output tensor before parameters: its name, t, and per input (source, tensor name)."""
-
-    name: str
-    t: float
-    inputs: list[tuple[ModelSource, str]]
-    out_slice: OutputSlice
-    models: list[str]
-
-
-def _slice_groups(cfg: MergeConfig, sources: dict[str, ModelSource]) -> tuple[list[_Group], list[tuple[str, int]]]:
-    """Output tensors of a `slices:` config in mergekit's order: the first slice's pre-layer tensors, each slice's
-    layers (renamed to their output index; t = offset/(n−1) within the slice, 1 for a one-layer slice), then the
-    last slice's post-layer tensors (t = 0 for both, as mergekit 0.1.5). Also returns (model, input layer) of
-    every output layer, for per-layer config lists."""
-    slices = cfg.output_slices()
-    groups: list[_Group] = []
-    origin: list[tuple[str, int]] = []
-    structure = {name: split_layers(src) for name, src in sources.items()}
-    counts = {name: count_layers(read_model_config(src.path), src.names()) for name, src in sources.items()}
-
-    def ref_of(sl: OutputSlice) -> str:
-        base = sl.base_model or cfg.base_model
-        models = [s.model for s in sl.sources]
-        return base if base in models else models[0]
-
-    def non_layer(sl: OutputSlice, which: int) -> None:
-        ref = ref_of(sl)
-        models = [s.model for s in sl.sources]
-        for n in structure[ref][which]:
-            for m in models:
-                if n not in sources[m]:
-                    raise TunekitError(f"tensor '{n}' is in model '{ref}' but missing from model '{m}'")
-                _check_pair(sources[ref], n, sources[m], n, cfg.tokenizer_plan() is not None)
-            groups.append(_Group(n, 0.0, [(sources[m], n) for m in models], sl, models))
-
-    non_layer(slices[0], 0)
-    out_layer = 0
-    for si, sl in enumerate(slices):
-        models = [s.model for s in sl.sources]
-        for src in sl.sources:
-            assert src.layer_range is not None
-            lo, hi = src.layer_range
-            if hi > counts[src.model]:
-                raise TunekitError(
-                    f"{cfg.source}: slices[{si}]: layer_range [{lo}, {hi}] is past the end of model '{src.model}' "
-                    f"({counts[src.model]} layers)"
-                )
-        ref = ref_of(sl)
-        ref_src = next(s for s in sl.sources if s.model == ref)
-        n_layers = ref_src.layer_range[1] - ref_src.layer_range[0]
-        for off in range(n_layers):
-            t = off / (n_layers - 1) if n_layers > 1 else 1.0
-            ref_layer = ref_src.layer_range[0] + off
-            template = structure[ref][1].get(ref_layer, [])
-            if not template:
-                raise TunekitError(f"model '{ref}' has no tensors for layer {ref_layer}")
-            for n in template:
-                inputs = []
-                for s in sl.sources:
-                    in_name = _layer_name(n, s.layer_range[0] + off)
-                    if in_name not in sources[s.model]:
-                        raise TunekitError(
-                            f"tensor '{in_name}' (layer {s.layer_range[0] + off} of slices[{si}]) is missing from "
-                            f"model '{s.model}'"
-                        )
-                    _check_pair(sources[ref], n, sources[s.model], in_name)
-                    inputs.append((sources[s.model], in_name))
-                groups.append(_Group(_layer_name(n, out_layer), t, inputs, sl, models))
-            origin.append((ref, ref_layer))
-            out_layer += 1
-    non_layer(slices[-1], 2)
-    return groups, origin
-
-
-def _model_groups(cfg: MergeConfig, sources: dict[str, ModelSource]) -> list[_Group]:
-    """Output tensors of a `models:` config: every tensor of the base (or first) model, same names."""
-    (sl,) = cfg.output_slices()
-    models = [s.model for s in sl.sources]
-    ref = sources[cfg.base_model if cfg.base_model else models[0]]
-    _check_same_tensors(ref, [sources[m] for m in models], cfg.tokenizer_plan() is not None)
-    num_layers = count_layers(read_model_config(ref.path), ref.names())
-    return [
-        _Group(n, layer_fraction(n, num_layers), [(sources[m], n) for m in models], sl, models) for n in ref.names()
-    ]
-
-
-def plan_merge(
-    cfg: MergeConfig, sources: dict[str, ModelSource], dtype: str | None
-) -> tuple[list[TensorPlan], list[tuple[str, int]] | None]:
-    """Check names/shapes across inputs and resolve every parameter for every output tensor (raises before any
-    write). Returns the plans and, for `slices:`, the (model, input layer) behind each output layer."""
-    if cfg.slices:
-        groups, origin = _slice_groups(cfg, sources)
-    else:
-        groups, origin = _model_groups(cfg, sources), None
-    out_dtype = (
-        normalize_dtype(dtype, "--dtype") or normalize_dtype(cfg.out_dtype) or normalize_dtype(cfg.dtype)
-    )
-    spec = METHODS[cfg.merge_method]
-    plans = []
-    for g in groups:
-        first_src, first_name = g.inputs[0]
-        info: TensorInfo = first_src.info(first_name)
-        base = g.out_slice.base_model or cfg.base_model
-        base_index = g.models.index(base) if base in g.models else None
-        if not info.is_float:
-            ref = g.inputs[base_index] if base_index is not None else g.inputs[0]
-            plans.append(TensorPlan(g.name, info.shape, info.dtype, None, {}, [], None, [ref]))
-            continue
-        n, t = g.name, g.t
-        this_spec = spec
-        gdefs: dict[str, Any] = dict(spec.global_params)
-        tdefs: dict[str, Any] = dict(spec.tensor_params)
-        params = {k: cfg.parameter(k, None, n, t, default=d, out_slice=g.out_slice) for k, d in gdefs.items()}
-        tparams = []
-        for i, m in enumerate(g.models):
-            if this_spec.base_is_special and i == base_index and not this_spec.base_tensor_params:
-                tparams.append({})
-                continue
-            tparams.append({k: cfg.parameter(k, m, n, t, default=d, out_slice=g.out_slice) for k, d in tdefs.items()})
-        _check_values(cfg, n, this_spec, params, tparams)
-        plans.append(
-            TensorPlan(
-                n,
-                info.shape,
-                out_dtype or info.dtype,
-                this_spec,
-                params,
-                tparams,
-                base_index,
-                g.inputs,
-            )
-        )
-    return plans, origin
-
-
-def _check_values(
-    cfg: MergeConfig, tensor: str, spec: MethodSpec, params: dict[str, Any], tparams: list[dict[str, Any]]
-) -> None:
-    """Types follow the method's defaults (bool flags, numbers; REQUIRED ones are numbers), ranges as mergekit."""
-    where = f"{cfg.source}: tensor '{tensor}'"
-    defaults = {**spec.global_params, "embed_slerp": False}
-    for key, value in params.items():
-        default = defaults.get(key, REQUIRED)
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise TunekitError(f"{where}: parameter '{key}' must be true or false, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TunekitError(f"{where}: parameter '{key}' must be a number, got {value!r}")
-    for key, value in params.items():
-        if not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isfinite(value):
-            raise TunekitError(f"{where}: parameter '{key}' must be a finite number, got {value!r}")
-    if "t" in params and not 0 <= params["t"] <= 1:
-        raise TunekitError(f"{where}: t={params['t']} is outside [0, 1]")
-    if "max_iter" in params and (params["max_iter"] < 0 or params["max_iter"] != int(params["max_iter"])):
-        raise TunekitError(f"{where}: max_iter={params['max_iter']} must be a non-negative integer")
-    if "select_topk" in params and not 0 <= params["select_topk"] <= 1:
-        raise TunekitError(f"{where}: select_topk={params['select_topk']} is outside [0, 1]")
-    for tp in tparams:
-        for key, value in tp.items():
-            if value is None and key == "scale":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TunekitError(f"{where}: parameter '{key}' must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise TunekitError(f"{where}: parameter '{key}' must be a finite number, got {value!r}")
-            if key in ("density", "gamma") and not 0 <= value <= 1:
-                raise TunekitError(f"{where}: {key}={value} is outside [0, 1]")
-        if "epsilon" in tp and 0 < tp["density"] < 1:
-            d, e = tp["density"], tp["epsilon"]
-            if not (0 < d - e and d + e < 1):
-                raise TunekitError(
-                    f"{where}: della needs density ± epsilon inside (0, 1), got density={d}, epsilon={e}"
-                )
-
-
-def _copy_support_files(src_config: Path, src_tokenizer: Path, out: Path, out_dtype: str | None) -> None:
-    for name in CONFIG_FILES:
-        if (src_config / name).is_file():
-            shutil.copy2(src_config / name, out / name)
-    for name in TOKENIZER_FILES:
-        if (src_tokenizer / name).is_file():
-            shutil.copy2(src_tokenizer / name, out / name)
-    cfg_file = out / "config.json"
-    if out_dtype and cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
-        cfg["dtype"] = out_dtype
-        if "torch_dtype" in cfg:
-            cfg["torch_dtype"] = out_dtype
-        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def write_model_card(
-    out: Path, title: str, method: str, config_yaml: str, notes: list[str] | None = None
-) -> None:
-    lines = [
-        "---",
-        "tags: [merge, tunekit]",
-        "---",
-        f"# {title}",
-        "",
-        f"Made with `tunekit merge` using the **{method}** method.",
-        "",
-        *(f"- {n}" for n in notes or []),
-        "",
-        "## Merge configuration",
-        "",
-        "```yaml",
-        config_yaml.rstrip(),
-        "```",
-        "",
-    ]
-    (out / "README.md").write_text("\n".join(lines))
-
-
-def byte_progress(total: int, enabled: bool, label: str = "merging"):
-    """A rich progress bar over bytes written (on stderr), or a no-op."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not enabled,
-    )
-    task = progress.add_task(label, total=total)
-    return progress, task
 
 
 def _copies_values(plan: TensorPlan, vocab: Any) -> bool:
@@ -424,7 +49,7 @@ def merge_models(
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
-    log: Log = _stderr,
+    log: Log = log_to_stderr,
 ) -> Path:
     """Merge the models of a mergekit-style config into `output` (a model folder), streaming tensor by
     tensor."""
@@ -489,7 +114,7 @@ def merge_models(
         tok_src = donor.path
         if block is not None and block.source not in ("base", "union"):
             tok_src = sources[block.source].path
-        _copy_support_files(donor.path, tok_src, tmp, out_dtypes.pop() if len(out_dtypes) == 1 else None)
+        copy_support_files(donor.path, tok_src, tmp, out_dtypes.pop() if len(out_dtypes) == 1 else None)
         _write_out_config(tmp, origin, vocab.vocab_size if vocab is not None else None)
         if vocab is not None:
             vocab.save_tokenizer(tmp)

@@ -3,17 +3,23 @@
 A reference is a local folder, a tunekit alias, a hub id (`org/name` or `org/name@revision`, read from the
 Hugging Face hub cache through `huggingface_hub.snapshot_download`; with HF_HUB_OFFLINE=1 a model missing from
 the cache is a clean error), or `MODEL+ADAPTER` (a PEFT adapter folder or tunekit run folded into MODEL while
-streaming, with the adapter registry's merge plan from `tunekit.merge.adapters`).
+streaming, with the adapter registry's merge plan). `resolve_adapter` finds an adapter folder and its kind in a
+folder or a tunekit run; `check_not_quantized` refuses quantized checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunekit.errors import TunekitError
 from tunekit.merge.io import SafetensorsFolder, TensorInfo
+
+if TYPE_CHECKING:
+    from tunekit.adapters import AdapterKind
 
 #: hub files a merge needs: safetensors weights only (never pickles), configs and tokenizer files.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
@@ -62,6 +68,62 @@ def resolve_model_path(name: str) -> Path:
     if _HUB_ID.match(str(name)):
         return resolve_hub(str(name))
     raise TunekitError(f"model '{name}' not found (not a local folder, alias or hub id org/name)")
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A base model folder: a local folder, a tunekit alias or a hub id from the hub cache (not MODEL+ADAPTER)."""
+    if "+" in str(name) and not Path(name).expanduser().exists():
+        raise TunekitError(f"model '{name}': a MODEL+ADAPTER reference is not a base model folder")
+    return resolve_model_path(str(name))
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json ({} when it has none)."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TunekitError(f"{file}: invalid JSON ({exc})") from None
+
+
+def check_not_quantized(folder: Path, label: str) -> None:
+    """Merges read 16/32-bit weights: a quantized checkpoint is refused."""
+    cfg = read_model_config(folder)
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "quantized")
+        raise TunekitError(
+            f"model '{label}' is {method}-quantized; merge the unquantized 16/32-bit weights instead"
+        )
+
+
+@dataclass
+class ResolvedAdapter:
+    """An adapter folder, its kind, and what its run recorded about the base."""
+
+    folder: Path
+    kind: AdapterKind
+    base_hint: str | None  # base model named by the run's recipe or the adapter config
+    load_in_4bit: bool
+
+
+def resolve_adapter(path: str | Path) -> ResolvedAdapter:
+    """A PEFT/tunekit adapter folder, or a tunekit run directory (RUN/recipe.yaml + RUN/adapter/)."""
+    from tunekit.adapters import kind_of
+    from tunekit.run.locate import locate
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise TunekitError(f"adapter '{path}' not found")
+    loc = locate(path)
+    if loc is None or loc.adapter_dir is None:
+        if loc is not None and loc.kind == "run":
+            raise TunekitError(f"run '{path}' is a full fine-tune: {loc.model_dir} is already a merged model")
+        raise TunekitError(f"'{path}' is a model folder, not an adapter or a run with an adapter")
+    kind = kind_of(loc.adapter_dir)
+    base = loc.base
+    return ResolvedAdapter(loc.adapter_dir, kind, base.name if base else None, bool(base and base.load_in_4bit))
 
 
 class ModelSource:
@@ -119,8 +181,6 @@ def open_source(ref: str) -> ModelSource:
     path = resolve_model_path(model)
     if adapter is None:
         return ModelSource(ref, path)
-    from tunekit.merge.adapters import resolve_adapter
-
     adapter_path = Path(adapter).expanduser()
     if not adapter_path.is_dir():
         raise TunekitError(f"model reference '{ref}': adapter '{adapter}' is not a local folder or tunekit run")

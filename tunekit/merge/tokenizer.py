@@ -27,7 +27,7 @@ from tunekit.errors import TunekitError
 
 if TYPE_CHECKING:
     from tunekit.merge.config import MergeConfig
-    from tunekit.merge.engine import TensorPlan
+    from tunekit.merge.plan import TensorPlan
     from tunekit.merge.sources import ModelSource
 
 #: tensors indexed by token along axis 0 (mergekit's vocabulary_axis 0 for Llama-style models).

@@ -7,13 +7,13 @@
 from tunekit.rewards.registry import (
     RewardScores,
     RewardSet,
+    RewardSpec,
     combine,
     get_reward,
     register_reward,
     reward_names,
     score,
 )
-from tunekit.rewards.spec import RewardSpec
 from tunekit.rewards.tracker import RewardTracker
 
 __all__ = [

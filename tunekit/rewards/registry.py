@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from tunekit.errors import TunekitError
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from tunekit.rewards.spec import RewardSpec
 
 RewardFunc = Callable[..., list]
 _FACTORIES: dict[str, Callable[..., RewardFunc]] = {}
@@ -122,6 +122,31 @@ def _python_reward(name: str, params: dict[str, Any]) -> RewardFunc:
     return wrapper
 
 
+class RewardSpec(BaseModel):
+    """The recipe's reward entry, `rewards: [{name: math_answer, weight: 1.0, column: answer}, ...]`: one weighted
+    reward; every key besides `name` and `weight` is a parameter of that reward, checked against the registry."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(
+        description="A built-in reward (math_answer, format, length, code_tests, reward_model) or "
+        "`python:package.module:function`."
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the sum (GRPOConfig.reward_weights).")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_reward(self) -> RewardSpec:
+        try:
+            check_params(self.name, self.params)
+        except TunekitError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 @dataclass
 class RewardScores:
     """Each reward's values as it returned them (None = not applicable) and the weighted total
@@ -154,8 +179,6 @@ class RewardSet:
     @classmethod
     def from_specs(cls, specs: Sequence[RewardSpec | dict]) -> RewardSet:
         from pydantic import ValidationError
-
-        from tunekit.rewards.spec import RewardSpec
 
         funcs, weights = [], []
         for i, spec in enumerate(specs):

@@ -4,7 +4,7 @@ and writing the finished run directory. A new stage (dpo, grpo, ppo, ...) is its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,20 @@ from tunekit.models.load import (
 from tunekit.run.callbacks import FiniteGuardCallback, MetricsCallback, ProgressCallback
 from tunekit.run.plot import plot_loss
 from tunekit.run.rundir import RunDir, check_resume, default_output
+
+
+@dataclass
+class StageData:
+    """What a stage's data step hands to its trainer: datasets, counts for the log/card, prompts for samples."""
+
+    train: Any
+    eval: Any | None
+    fingerprint: str
+    summary: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    sample_prompts: list[Any] = field(default_factory=list)  # message lists for samples.jsonl
+    sample_references: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific (e.g. eval messages)
 
 
 @dataclass
@@ -168,7 +182,6 @@ def record_data(recipe: Recipe, convert: Any, unit: str, key: str, to_rows: Any,
 
     from tunekit.data.preference import fingerprint_rows, split_records
     from tunekit.errors import TunekitError
-    from tunekit.stages.runner import StageData  # (runner imports this module)
 
     split = split_records(recipe.data, recipe.train.seed, convert)
     if not split.train:

@@ -45,16 +45,7 @@ class DPOStage(PreferenceStage):
             truncation_mode=r.dpo.truncation_mode,
             disable_dropout=True,
         )
-        ctx.callbacks = common.standard_callbacks(ctx.run, None)
-        return DPOTrainer(
-            model=ctx.model,
-            ref_model=None,
-            args=args,
-            train_dataset=ctx.data.train,
-            eval_dataset=ctx.data.eval,
-            processing_class=ctx.tokenizer,
-            callbacks=ctx.callbacks,
-        )
+        return self.trl_trainer(ctx, DPOTrainer, args, ref_model=None)
 
     def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
         return {"reference": "precomputed log-probs of the start model" if uses_precomputed_reference(ctx.recipe)

@@ -3,6 +3,8 @@
 For each prompt x, G completions y_1..y_G are sampled; r_i = Σ_k w_k · reward_k(x, y_i) from the `rewards:`
 list; A_i = (r_i − mean_j r_j) / std_j r_j (scale_rewards: group / batch / none), and the policy maximises the
 clipped objective min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε) A_i) − β KL(π ‖ π_ref) over the completion tokens.
+GSPO (Zheng et al., 2025) is `grpo.importance_sampling_level: sequence`: one ratio per completion,
+s_i = (π(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp(mean_t log ρ_t), clipped the same way (TRL's own switch).
 Every `grpo.log_completions_steps` steps the latest prompts, completions and per-reward scores go to
 completions.jsonl in the run directory, so reward hacking can be seen; warnings when the completion length or
 one reward's share of the total runs away.
@@ -103,6 +105,7 @@ class GRPOStage(PromptStage):
             num_iterations=g.num_iterations,
             loss_type=g.loss_type,
             scale_rewards=g.scale_rewards,
+            importance_sampling_level=g.importance_sampling_level,
             mask_truncated_completions=g.mask_truncated_completions,
             reward_weights=weights,
             use_vllm=_vllm_usable() if g.use_vllm is None else g.use_vllm,
@@ -112,16 +115,7 @@ class GRPOStage(PromptStage):
         watch = RewardTracker(max_completion_length=g.max_completion_length)
         completions = CompletionsCallback(ctx.run.path / "completions.jsonl", g.log_completions_steps, watch,
                                           dict(zip(rewards.names, weights)))
-        ctx.callbacks = [*common.standard_callbacks(ctx.run, None), completions]
-        trainer = GRPOTrainer(
-            model=ctx.model,
-            reward_funcs=funcs,
-            args=args,
-            train_dataset=ctx.data.train,
-            eval_dataset=ctx.data.eval,
-            processing_class=ctx.tokenizer,
-            callbacks=ctx.callbacks,
-        )
+        trainer = self.trl_trainer(ctx, GRPOTrainer, args, completions, reward_funcs=funcs)
         completions.trainer = trainer
         return trainer
 

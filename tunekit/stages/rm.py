@@ -33,15 +33,7 @@ class RewardModelStage(PreferenceStage):
             center_rewards_coefficient=r.rm.center_rewards_coefficient,
             disable_dropout=True,
         )
-        ctx.callbacks = common.standard_callbacks(ctx.run, None)
-        return RewardTrainer(
-            model=ctx.model,
-            args=args,
-            train_dataset=ctx.data.train,
-            eval_dataset=ctx.data.eval,
-            processing_class=ctx.tokenizer,
-            callbacks=ctx.callbacks,
-        )
+        return self.trl_trainer(ctx, RewardTrainer, args)
 
     def evaluate(self, ctx: Context, trainer: Any) -> dict[str, Any]:
         from tunekit.console import console

@@ -22,20 +22,9 @@ from tunekit.launch import ranks
 from tunekit.run.card import run_card
 from tunekit.run.rundir import RunDir
 from tunekit.stages import common
+from tunekit.stages.common import StageData, StageResult
 
-
-@dataclass
-class StageData:
-    """What a stage's data step hands to its trainer: datasets, counts for the log/card, prompts for samples."""
-
-    train: Any
-    eval: Any | None
-    fingerprint: str
-    summary: str
-    counts: dict[str, Any] = field(default_factory=dict)
-    sample_prompts: list[Any] = field(default_factory=list)  # message lists for samples.jsonl
-    sample_references: list[Any] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific (e.g. eval messages)
+__all__ = ["Context", "Stage", "StageData", "StageResult", "run_stage"]
 
 
 @dataclass
@@ -74,6 +63,21 @@ class Stage:
         """A transformers/TRL Trainer over ctx.model and ctx.data, with ctx.callbacks attached."""
         raise NotImplementedError
 
+    def trl_trainer(self, ctx: Context, trainer_class: Any, args: Any, *callbacks: Any, **kwargs: Any) -> Any:
+        """A TRL trainer over the run: `trainer_class(model=, args=, train_dataset=, eval_dataset=,
+        processing_class=, callbacks=, **kwargs)`. The callbacks are the standard ones (progress, metrics.jsonl,
+        finite-loss guard) plus `callbacks`, kept in ctx.callbacks; TRL tokenizes with the run's tokenizer."""
+        ctx.callbacks = [*common.standard_callbacks(ctx.run, ctx.collator), *callbacks]
+        return trainer_class(
+            model=ctx.model,
+            args=args,
+            train_dataset=ctx.data.train,
+            eval_dataset=ctx.data.eval,
+            processing_class=ctx.tokenizer,
+            callbacks=ctx.callbacks,
+            **kwargs,
+        )
+
     def evaluate(self, ctx: Context, trainer: Any) -> dict[str, Any]:
         """Held-out metrics after training (default: the trainer's own evaluate on the eval split)."""
         if ctx.data.eval is None:
@@ -95,7 +99,7 @@ class Stage:
         return {}
 
 
-def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: bool = False) -> common.StageResult:
+def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: bool = False) -> StageResult:
     """Train, save and evaluate `recipe` with `stage`; returns the finished run directory and the model."""
     from transformers import PrinterCallback, set_seed
 
@@ -172,7 +176,7 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         raise
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
-    return common.StageResult(final, model, tok, metrics)
+    return StageResult(final, model, tok, metrics)
 
 
 def _print_memory_estimate(recipe: Recipe, stage: str) -> None:

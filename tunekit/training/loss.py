@@ -42,36 +42,52 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, te
     return z
 
 
+def _grad_buffers(
+    ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    acc: torch.dtype,
+) -> tuple:
+    """(grad hidden, grad weight, grad bias) to fill chunk by chunk; None where no gradient is needed. The weight
+    and bias gradients accumulate in `acc`."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    return (torch.empty_like(hidden) if need_h else None,
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None,
+            torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None)
+
+
+def _add_chunk_grads(grads: tuple, g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, s: int) -> None:
+    """Chain ∂L/∂z of one chunk (rows s.., g: rows × vocab) through z = h W^T + b: ∂h = g W, ∂W += g^T h,
+    ∂b += Σ_rows g."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        grad_h[s : s + g.shape[0]] = g.to(weight.dtype) @ weight
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h.to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Σ_i CE(hidden_i @ weight^T + bias, labels_i) / denominator, gradients computed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, denominator: float, rows: int):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         acc = _acc(hidden.dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grads = _grad_buffers(ctx, hidden, weight, bias, acc)
         for s in range(0, hidden.shape[0], rows):
             h, y = hidden[s : s + rows], labels[s : s + rows]
             z = _logits(h, weight, bias, 1.0)
             lse = torch.logsumexp(z, dim=-1)
             total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or need_b):
+            if all(x is None for x in grads):
                 continue
             g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             g[torch.arange(len(y), device=g.device), y] -= 1.0
             g /= denominator
-            if need_h:
-                grad_h[s : s + rows] = g.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g.t(), h.to(acc))
-            if need_b:
-                grad_b += g.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+            _add_chunk_grads(grads, g, h, weight, s)
+        ctx.save_for_backward(*grads)
         return total / denominator
 
     @staticmethod
@@ -103,12 +119,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         t, rows = ctx.temperature, ctx.rows
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
         acc = lse.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grads = _grad_buffers(ctx, hidden, weight, bias, acc)
+        grad_h, grad_w, grad_b = grads
         for s in range(0, hidden.shape[0], rows):
             h, y, go = hidden[s : s + rows], labels[s : s + rows], grad_out[s : s + rows].to(acc)
             # ∂ logp_i / ∂ z_i = (onehot(y_i) − softmax(z_i/T)) / T, times the upstream gradient g_i
@@ -117,12 +130,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             g[torch.arange(len(y), device=g.device), y] += go
             if t != 1.0:
                 g /= t
-            if need_h:
-                grad_h[s : s + rows] = g.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g.t(), h.to(acc))
-            if need_b:
-                grad_b += g.sum(0)
+            _add_chunk_grads(grads, g, h, weight, s)
         out_w = grad_w.to(weight.dtype) if grad_w is not None else None
         out_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, out_w, out_b, None, None, None
