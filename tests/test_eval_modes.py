@@ -310,3 +310,18 @@ def test_evaluate_target_returns_the_eval_json_document(tiny_model_dir):
     assert doc["schema"] == "tunekit-eval/1" and doc["mode"] == "perplexity" and doc["n"] == 3
     assert doc["metrics"]["perplexity"]["value"] == pytest.approx(math.exp(doc["metrics"]["loss"]["value"]))
     assert "exact_match" not in doc["metrics"] and doc["settings"]["data"] == DEMO
+
+
+def test_apply_chat_template_renders_task_prompts_as_a_user_turn(tiny_model_dir):
+    """--apply-chat-template: lm_eval's greedy answer equals ours from the chat-rendered prompt."""
+    from tunekit.data.templates import render
+    from tunekit.evaluation.harness import run_tasks, select_tasks
+    from tunekit.models.trained import load_any
+
+    model, tok = load_any(str(tiny_model_dir))
+    results = run_tasks(model, tok, select_tasks("tunekit_demo"), limit=3, batch_size=3, apply_chat_template=True)
+    samples = sorted(results["samples"]["tunekit_demo"], key=lambda s: s["doc_id"])
+    for row, s in zip(_rows(DEMO, 3), samples):
+        prompt = render(tok, [{"role": "user", "content": row["instruction"]}], generation_prompt=True)
+        assert s["arguments"][0][0] == prompt
+        assert _greedy_line(model, tok, prompt, 16) == s["filtered_resps"][0]
