@@ -2,7 +2,7 @@
 VENV       ?= .venv
 PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= bnb,gptq,tracking,dev
+EXTRAS     ?= bnb,gptq,tracking,eval,dev
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.tunekit-installed

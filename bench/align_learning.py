@@ -28,7 +28,10 @@ def tunekit(*args: str) -> tuple[dict | None, float]:
     if res.returncode != 0:
         raise SystemExit(f"tunekit {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    return (json.loads(last) if last.startswith("{") else None), seconds
+    doc = json.loads(last) if last.startswith("{") else None
+    if doc is not None and "metrics" in doc:  # an eval.json summary: {metric: value}
+        doc = {k: v["value"] for k, v in doc["metrics"].items()}
+    return doc, seconds
 
 
 def main() -> None:
@@ -57,7 +60,7 @@ def main() -> None:
                          train_s))
             rows.append((stage, "mean log-prob margin (nats)", before["mean_logprob_margin"],
                          after["mean_logprob_margin"], card, train_s))
-            rows.append((stage, "implicit-reward accuracy", None, after["preference_accuracy"], card, train_s))
+            rows.append((stage, "implicit-reward accuracy", None, after["implicit_reward_accuracy"], card, train_s))
         else:
             flags = ["--data", str(ALIGN / "math_eval.jsonl"), "--reward", "math_answer", "--max-new-tokens", "48"]
             before, _ = tunekit("eval", "smollm2-135m", *flags)

@@ -41,7 +41,10 @@ def tunekit(*args: str) -> tuple[dict | None, float]:
     if res.returncode != 0:
         raise SystemExit(f"tunekit {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    return (json.loads(last) if last.startswith("{") else None), seconds
+    doc = json.loads(last) if last.startswith("{") else None
+    if doc is not None and "metrics" in doc:  # an eval.json summary: {metric: value}
+        doc = {k: v["value"] for k, v in doc["metrics"].items()}
+    return doc, seconds
 
 
 def learning(methods: list[str], out: Path) -> list[tuple]:

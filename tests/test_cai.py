@@ -16,17 +16,10 @@ import torch
 from tests.helpers import ROOT, run_cli, write_jsonl
 from tunekit.cai.constitution import load_constitution, parse_constitution
 from tunekit.cai.critique import FILTERS, RECORD_FIELDS, degenerate_reason, is_repetitive, word_similarity
-from tunekit.cai.feedback import (
-    LABELS,
-    PREFERENCE_FIELDS,
-    choice_logprobs,
-    judge_pairs,
-    judgement_context,
-    preference_record,
-    prob_first,
-)
+from tunekit.cai.feedback import PREFERENCE_FIELDS, judge_pairs, preference_record
 from tunekit.cai.log import AppendLog
 from tunekit.errors import TunekitError
+from tunekit.evaluation.choice import LABELS, choice_logprobs, judgement_context, prob_first
 
 PROMPTS = ["Say hello.", "Capital of France?", "Add 2 and 3.", "Yes or no?", "Count to three.", "Say bye.",
            "Opposite of up?", "Translate good morning to French."]
@@ -158,8 +151,8 @@ def test_mc_score_equals_hand_computation_from_logits(loaded):
     model, tok = loaded
     c = load_constitution()
     prompt = [{"role": "user", "content": "Capital of France?"}]
-    contexts = [judgement_context(tok, prompt, c.principles[0], "Paris.", "I won't say."),
-                judgement_context(tok, prompt, c.principles[1], "It is Paris, the capital.", "Lyon.")]
+    contexts = [judgement_context(tok, prompt, c.principles[0].comparison, "Paris.", "I won't say."),
+                judgement_context(tok, prompt, c.principles[1].comparison, "It is Paris, the capital.", "Lyon.")]
     assert contexts[0].endswith("The answer is (")
     got = choice_logprobs(model, tok, contexts, batch_size=2)  # one right-padded batch of unequal lengths
     a_id, b_id = (tok(label, add_special_tokens=False)["input_ids"] for label in LABELS)
@@ -178,8 +171,9 @@ def test_mc_score_equals_hand_computation_from_logits(loaded):
     hand = []
     for pid in j.principles:
         pr = c.by_id(pid)
-        (a1, b1), (a2, b2) = choice_logprobs(model, tok, [judgement_context(tok, prompt, pr, "Paris.", "Lyon."),
-                                                          judgement_context(tok, prompt, pr, "Lyon.", "Paris.")])
+        q = pr.comparison
+        (a1, b1), (a2, b2) = choice_logprobs(model, tok, [judgement_context(tok, prompt, q, "Paris.", "Lyon."),
+                                                          judgement_context(tok, prompt, q, "Lyon.", "Paris.")])
         hand += [math.exp(a1) / (math.exp(a1) + math.exp(b1)), math.exp(b2) / (math.exp(a2) + math.exp(b2))]
     assert j.p_first == pytest.approx(sum(hand) / len(hand), abs=1e-6)
     assert len(set(j.principles)) == 2

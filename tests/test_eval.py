@@ -45,9 +45,14 @@ def test_eval_cli_on_run_and_model(tmp_path, tiny_model_dir):
                       "--overwrite")
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout.strip().splitlines()[-1])
-        assert summary["n"] == len(QA) and summary["perplexity"] > 1 and 0 <= summary["exact_match"] <= 1
+        metrics = summary["metrics"]
+        assert summary["mode"] == "perplexity" and summary["n"] == len(QA) and summary["target"] == str(target)
+        assert metrics["perplexity"]["value"] > 1 and 0 <= metrics["exact_match"]["value"] <= 1
+        lo, hi = metrics["exact_match"]["ci"]  # Wilson interval around the share
+        assert 0 <= lo <= metrics["exact_match"]["value"] <= hi <= 1
         full = json.loads((tmp_path / "out.json").read_text())
-        assert len(full["answers"]) == len(QA) and full["answers"][0]["reference"] == QA[0]["output"]
+        assert full["metrics"] == metrics and "details" not in summary
+        assert len(full["details"]) == len(QA) and full["details"][0]["reference"] == QA[0]["output"]
 
 
 def test_offline_hub_ids_fail_cleanly(tmp_path, tiny_model_dir):

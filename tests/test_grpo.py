@@ -42,7 +42,7 @@ def test_grpo_run_logs_each_reward_and_reloads(tmp_path, tiny_model_dir, prompt_
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
     ev = run_cli("eval", out, "--data", prompt_file, "--reward", "math_answer", "--max-new-tokens", "4")
     assert ev.returncode == 0, ev.stderr
-    assert "rewards/math_answer/mean" in json.loads(ev.stdout.strip().splitlines()[-1])
+    assert "rewards/math_answer/mean" in json.loads(ev.stdout.strip().splitlines()[-1])["metrics"]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -330,7 +330,8 @@ def test_kto_command_on_unpaired_data(tmp_path, tiny_model_dir, unpaired_file, p
     ev = run_cli("eval", out, "--data", pref_file)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert result["stage"] == "kto" and 0 <= result["preference_accuracy"] <= 1
+    assert result["settings"]["stage"] == "kto" and result["settings"]["beta"] > 0
+    assert 0 <= result["metrics"]["implicit_reward_accuracy"]["value"] <= 1
 
 
 @pytest.mark.slow
@@ -344,7 +345,8 @@ def test_simpo_command_reports_held_out_preference_accuracy(tmp_path, tiny_model
     ev = run_cli("eval", out, "--data", pref_file)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert result["stage"] == "simpo" and result["reward"] == "mean token log-prob"
+    assert result["settings"]["stage"] == "simpo" and result["settings"]["reward"] == "mean token log-prob"
+    assert 0 <= result["metrics"]["preference_accuracy"]["value"] <= 1
 
 
 @pytest.mark.slow
@@ -362,8 +364,8 @@ def test_orpo_and_cpo_runs_evaluate(tmp_path, tiny_model_dir, pref_file, stage, 
     assert (result.path / "adapter/adapter_model.safetensors").is_file() and (result.path / "samples.jsonl").is_file()
     assert "eval_rewards/accuracies" in result.metrics
     ev = evaluate_target(str(result.path), str(pref_file))
-    assert ev["stage"] == stage and 0 <= ev["preference_accuracy"] <= 1
-    assert ev["reward"] == ("summed log-prob" if extra else "mean token log-prob")
+    assert ev["settings"]["stage"] == stage and 0 <= ev["metrics"]["preference_accuracy"]["value"] <= 1
+    assert ev["settings"]["reward"] == ("summed log-prob" if extra else "mean token log-prob")
 
 
 METHODS = [("kto", "none", ["train.lr=1e-5"]), ("kto", "svft", []), ("kto", "pissa", []),

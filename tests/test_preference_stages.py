@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import interrupt_after_checkpoint, run_cli, write_jsonl
 from tunekit.config import load_recipe
@@ -135,7 +136,8 @@ def test_rm_run_reloads_with_the_same_scores(tmp_path, tiny_model_dir, pref_file
     ev = run_cli("eval", out, "--data", pref_file)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert 0 <= result["pairwise_accuracy"] <= 1 and "mean_margin" in result
+    assert result["mode"] == "reward_model"
+    assert 0 <= result["metrics"]["pairwise_accuracy"]["value"] <= 1 and "mean_margin" in result["metrics"]
 
 
 def test_dpo_run_reloads_in_plain_peft(tmp_path, tiny_model_dir, pref_file):
@@ -153,7 +155,10 @@ def test_dpo_run_reloads_in_plain_peft(tmp_path, tiny_model_dir, pref_file):
     ev = run_cli("eval", out, "--data", pref_file)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert 0 <= result["preference_accuracy"] <= 1
+    assert 0 <= result["metrics"]["implicit_reward_accuracy"]["value"] <= 1
+    beta = yaml.safe_load((out / "recipe.yaml").read_text())["dpo"]["beta"]
+    assert result["settings"]["stage"] == "dpo" and result["settings"]["beta"] == beta
+    assert f"β = {beta:g}" in result["measures"]
 
 
 def test_a_section_of_another_stage_is_refused(tmp_path, tiny_model_dir, pref_file):

@@ -29,8 +29,9 @@ def tunekit(*args: str) -> str:
 
 
 def score(target: str) -> dict:
+    """{metric: value} of `tunekit eval` (its stdout line is the eval.json summary)."""
     out = tunekit("eval", target, "--data", str(EVAL), "--max-new-tokens", "16", "--max-length", "128")
-    return json.loads(out.strip().splitlines()[-1])
+    return {k: v["value"] for k, v in json.loads(out.strip().splitlines()[-1])["metrics"].items()}
 
 
 def main() -> None:

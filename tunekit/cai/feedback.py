@@ -2,7 +2,8 @@
 
 For a prompt x and two responses (y₁, y₂), the feedback model reads a principle's comparison question with the
 pair as options (A) and (B), and the next tokens after "The answer is (" are scored — no text is generated or
-parsed. With ℓ_A, ℓ_B the log-probabilities of the choice tokens, the normalised probability of (A) is
+parsed (the multiple-choice scoring of tunekit/evaluation/choice.py, shared with `tunekit eval --judge`). With
+ℓ_A, ℓ_B the log-probabilities of the choice tokens, the normalised probability of (A) is
     P(A) = exp ℓ_A / (exp ℓ_A + exp ℓ_B).
 Each of k sampled principles is asked in both orders, so position bias cancels:
     p(y₁ ≻ y₂) = (1 / 2k) Σ_principles [ P(A | y₁ as A, y₂ as B) + P(B | y₂ as A, y₁ as B) ],
@@ -12,7 +13,6 @@ which makes p(y₂ ≻ y₁) = 1 − p(y₁ ≻ y₂) exactly. The preferred res
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +20,8 @@ from typing import Any
 
 from tunekit.cai.constitution import Constitution, Principle
 from tunekit.cai.prompts import Messages
-from tunekit.data.templates import render
+from tunekit.evaluation.choice import both_orders
 
-LABELS = ("A", "B")
-ANSWER_PREFIX = "The answer is ("
 PREFERENCE_FIELDS = (
     "id",  # prompt id
     "prompt",  # the prompt as given (string or message list)
@@ -34,79 +32,6 @@ PREFERENCE_FIELDS = (
     "principles",  # the principle ids asked
     "scores",  # per principle: P(chosen ≻ rejected) with chosen shown as (A) and as (B)
 )
-
-
-def transcript(prompt: Messages) -> str:
-    names = {"user": "Person", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt)
-
-
-def judgement_context(tok: Any, prompt: Messages, principle: Principle, option_a: str, option_b: str) -> str:
-    """The multiple-choice question, rendered with the chat template and ending right before the choice token."""
-    body = (
-        "Consider the following conversation between a person and an assistant:\n\n"
-        f"{transcript(prompt)}\n\n{principle.comparison}\n\n"
-        f"({LABELS[0]}) {option_a}\n\n({LABELS[1]}) {option_b}\n\n"
-        f"Answer with {LABELS[0]} or {LABELS[1]}."
-    )
-    return render(tok, [{"role": "user", "content": body}], generation_prompt=True) + ANSWER_PREFIX
-
-
-def choice_logprobs(model: Any, tok: Any, contexts: Sequence[str], batch_size: int = 8) -> list[tuple[float, float]]:
-    """(log p(A | context), log p(B | context)) for each context, from one forward pass per row.
-
-    Contexts and labels are tokenised separately and concatenated, so a label is always the same token ids.
-    Rows are right-padded: every real token keeps its unpadded position, so the result equals an unbatched pass.
-    """
-    import torch
-
-    label_ids = [tok(label, add_special_tokens=False)["input_ids"] for label in LABELS]
-    single = all(len(ids) == 1 for ids in label_ids)
-    rows: list[list[int]] = []
-    spans: list[tuple[int, int]] = []  # (start, end) of the scored label tokens in each row
-    for ctx in contexts:
-        ids = tok(ctx, add_special_tokens=False)["input_ids"]
-        if single:
-            rows.append(ids)
-            spans.append((len(ids), len(ids) + 1))
-        else:
-            for lab in label_ids:
-                rows.append(ids + lab)
-                spans.append((len(ids), len(ids) + len(lab)))
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out_rows: list[list[float]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(chunk):
-                ids[j, : len(r)] = torch.tensor(r)
-                mask[j, : len(r)] = 1
-            with torch.no_grad():
-                logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-            for j, r in enumerate(chunk):
-                start, end = spans[i + j]
-                if single:
-                    out_rows.append([float(logp[j, start - 1, lab[0]]) for lab in label_ids])
-                else:
-                    lab = r[start:end]
-                    out_rows.append([sum(float(logp[j, start - 1 + t, tid]) for t, tid in enumerate(lab))])
-    finally:
-        model.train(was_training)
-    if single:
-        return [(a, b) for a, b in out_rows]
-    flat = [v[0] for v in out_rows]
-    return [(flat[2 * k], flat[2 * k + 1]) for k in range(len(contexts))]
-
-
-def prob_first(logprob_a: float, logprob_b: float) -> float:
-    """Normalised P(A) = exp ℓ_A / (exp ℓ_A + exp ℓ_B), computed stably."""
-    return 1.0 / (1.0 + math.exp(logprob_b - logprob_a))
 
 
 def draw_principles(constitution: Constitution, pair_id: str, k: int, seed: int) -> list[Principle]:
@@ -136,21 +61,12 @@ def judge_pairs(
     batch_size: int = 8,
 ) -> list[Judgement]:
     """Judge (pair_id, prompt, first, second) items: k principles × both orders each."""
-    contexts: list[str] = []
-    drawn: list[list[Principle]] = []
-    for pair_id, prompt, first, second in items:
-        principles = draw_principles(constitution, pair_id, k, seed)
-        drawn.append(principles)
-        for pr in principles:
-            contexts.append(judgement_context(tok, prompt, pr, first, second))  # first as (A)
-            contexts.append(judgement_context(tok, prompt, pr, second, first))  # first as (B)
-    lps = iter(choice_logprobs(model, tok, contexts, batch_size))
+    drawn = [draw_principles(constitution, pair_id, k, seed) for pair_id, _, _, _ in items]
+    asked = [(prompt, first, second, [pr.comparison for pr in principles])
+             for (_, prompt, first, second), principles in zip(items, drawn)]
     out: list[Judgement] = []
-    for principles in drawn:
-        scores = []
-        for pr in principles:
-            a_order, b_order = next(lps), next(lps)
-            scores.append({"principle": pr.id, "as_a": prob_first(*a_order), "as_b": 1.0 - prob_first(*b_order)})
+    for principles, probs in zip(drawn, both_orders(model, tok, asked, batch_size)):
+        scores = [{"principle": pr.id, "as_a": as_a, "as_b": as_b} for pr, (as_a, as_b) in zip(principles, probs)]
         p = sum(s["as_a"] + s["as_b"] for s in scores) / (2 * len(scores))
         out.append(Judgement(p, [pr.id for pr in principles], scores))
     return out

@@ -4,12 +4,19 @@ The final answer is the number after the last `####` (GSM8K, Cobbe et al., 2021)
 `\\boxed{...}` (MATH, Hendrycks et al., 2021), else inside the last `<answer>...</answer>`, else the last number
 in the text. Numbers may carry signs, thousands separators (1,234), decimals, fractions (3/4, \\frac{3}{4}) and
 units ($, %). Correct means |a − b| ≤ max(tolerance·|b|, abs_tolerance).
+
+That fast numeric path decides only when it finds the two numbers equal (exact for the numbers it reads). Every
+other case goes to Hugging Face's math-verify (the checker of TRL's accuracy reward and open-r1): LaTeX,
+fractions, radicals (√2/2 = 1/√2), sets, intervals and symbolic equivalence, so rewards agree with
+what is reported on GSM8K/MATH. A reference that is no number (a set, an interval, an expression) is checked by
+math-verify alone.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 from typing import Any
 
 from tunekit.errors import TunekitError
@@ -109,6 +116,56 @@ def answers_match(predicted: float | None, reference: float, tolerance: float = 
     return math.isclose(predicted, reference, rel_tol=tolerance, abs_tol=abs_tolerance)
 
 
+def _gold_text(value: Any) -> str:
+    text = str(value)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1].strip().splitlines()[0] if text.rsplit("####", 1)[1].strip() else ""
+    return text.strip()
+
+
+def _plain_number(reference: Any) -> bool:
+    """The reference is one number (int, float, "1,234", "#### 72", "3/4", "\\frac{3}{4}"), not a set, an
+    interval or an expression: only then may the fast path decide."""
+    if isinstance(reference, (int, float)):
+        return True
+    m = _NUMBER.fullmatch(_normalise(_gold_text(reference)).strip().rstrip("%").strip())
+    return m is not None and (m.group("int") is not None or m.group("frac") is not None)
+
+
+def verified_match(completion: str, reference: Any) -> bool:
+    """math-verify's verdict: the completion's final answer equals the reference up to mathematical
+    equivalence. Its signal-based timeouts work only in the main thread; elsewhere they are off."""
+    from math_verify import parse, verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_text = _gold_text(reference)
+    if not gold_text:
+        return False
+    wrapped = gold_text if ("$" in gold_text or "\\boxed" in gold_text) else f"${gold_text}$"
+    gold = parse(wrapped, parsing_timeout=timeout) or parse(gold_text, parsing_timeout=timeout)
+    pred = parse(completion, parsing_timeout=timeout)
+    if not gold or not pred:
+        return False
+    return bool(verify(gold, pred, timeout_seconds=timeout))
+
+
+def answer_correct(completion: str, reference: Any, tolerance: float = 1e-6, abs_tolerance: float = 1e-9,
+                   last_number: bool = True) -> bool | None:
+    """True/False for a completion against a record's answer (None: the record has no answer). Equal numbers
+    on the fast path are correct; anything else is math-verify's call."""
+    if reference is None or isinstance(reference, bool) or (isinstance(reference, str) and not reference.strip()):
+        return None
+    expected = reference_answer(reference) if _plain_number(reference) else None
+    got = extract_answer(completion, last_number=last_number) if expected is not None else None
+    if got is not None and answers_match(got, expected, tolerance, abs_tolerance):
+        return True
+    if not last_number and "####" not in completion and "\\boxed" not in completion:
+        return False
+    if isinstance(reference, (int, float)):
+        reference = repr(reference)
+    return verified_match(completion, reference)
+
+
 @register_reward("math_answer")
 def math_answer(column: str = "answer", tolerance: float = 1e-6, abs_tolerance: float = 1e-9,
                 last_number: bool = True):
@@ -122,12 +179,8 @@ def math_answer(column: str = "answer", tolerance: float = 1e-6, abs_tolerance: 
                                f"(set `column:` in the reward)")
         out: list[float | None] = []
         for completion, ref in zip(completions, columns[column]):
-            expected = reference_answer(ref)
-            if expected is None:
-                out.append(None)
-                continue
-            got = extract_answer(completion_text(completion), last_number=last_number)
-            out.append(1.0 if answers_match(got, expected, tolerance, abs_tolerance) else 0.0)
+            ok = answer_correct(completion_text(completion), ref, tolerance, abs_tolerance, last_number)
+            out.append(None if ok is None else float(ok))
         return out
 
     reward.__name__ = "math_answer"

@@ -119,8 +119,9 @@ class KTOStage(Stage):
             ref = use_adapter(ctx.model, "ref" if "ref" in getattr(ctx.model, "peft_config", {}) else None)
             acc = dpo_accuracy(ctx.model, ctx.tokenizer, pairs, ctx.recipe.kto.beta, None, ctx.recipe.data.max_length,
                                reference_context=ref)
-            console.print(f"held-out preference accuracy {acc['preference_accuracy']:.3f} ({acc['n']} pairs)")
-            metrics.update({f"eval_{k}": v for k, v in acc.items()})
+            console.print(f"held-out preference accuracy {acc['implicit_reward_accuracy']:.3f} "
+                          f"(implicit reward, β = {ctx.recipe.kto.beta:g}; {acc['n']} pairs)")
+            metrics.update({f"eval_{k}": v for k, v in acc.items() if not isinstance(v, list)})
         return metrics
 
     def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
