@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-TRAINING_COMMANDS = frozenset({"sft", "rm", "dpo", "grpo", "ppo", "cai", "eval"})
+TRAINING_COMMANDS = frozenset({"sft", "rm", "dpo", "grpo", "ppo", "cai", "eval", "run"})
 ACTIVE = "TUNEKIT_ALLOCATOR_ACTIVE"  # set in the re-executed process: never re-execute twice
 
 
