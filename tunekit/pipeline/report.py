@@ -37,7 +37,8 @@ def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in source.items():
         number = _number(value)
-        if number is not None and key not in ("records", "limit", "max_length", "max_new_tokens", "batch_size"):
+        if number is not None and key not in ("records", "n", "tokens", "limit", "max_length", "max_new_tokens",
+                                                     "batch_size"):
             out[str(key)] = number
     return out
 
