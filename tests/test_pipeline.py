@@ -199,7 +199,9 @@ def _popen(path: Path, *args: str) -> subprocess.Popen:
 def test_kill_then_resume_equals_uninterrupted_and_second_writer_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    long_train = "{max_steps: 8, batch_size: 2, lr: 1.0e-2, save_steps: 2, logging_steps: 1}"
+    from tunekit.run import guard
+
+    long_train = "{max_steps: 12, batch_size: 2, lr: 1.0e-2, save_steps: 2, logging_steps: 1}"
     runs = {}
     for which in ("killed", "straight"):
         folder = tmp_path / which
@@ -212,14 +214,21 @@ def test_kill_then_resume_equals_uninterrupted_and_second_writer_refused(tiny_mo
     deadline = time.time() + 300
     while time.time() < deadline and not list(partial.glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.2)
-    second = run_cli("run", runs["killed"])  # the first still runs: refused, nothing touched
-    assert second.returncode == 2 and "is being written by pid" in second.stderr, second.stderr
-    proc.send_signal(signal.SIGKILL)
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # a hard kill in the middle of the sft stage
     proc.wait()
+    assert not (tmp_path / "killed/out/sft").exists()
     with pytest.raises(TunekitError, match="stage 'sft' was interrupted.*--resume"):
         run_file(runs["killed"])
-    run_file(runs["killed"], resume=True)
+    resumed = _popen(runs["killed"], "--resume")
+    lock = guard.lock_file_for(tmp_path / "killed/out")
+    while time.time() < deadline and not lock.exists():
+        assert resumed.poll() is None, resumed.stderr.read()
+        time.sleep(0.1)
+    with pytest.raises(TunekitError, match="is being written by pid"):  # a second writer is refused
+        run_file(runs["killed"], resume=True)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert "resuming from checkpoint-" in resumed.stderr.read()
     run_file(runs["straight"])
     for stage in ("sft", "dpo"):
         a = load_file(tmp_path / f"killed/out/{stage}/adapter/adapter_model.safetensors")
