@@ -163,6 +163,9 @@ def test_typo_in_last_stage_fails_before_anything_is_written(tiny_model_dir, tmp
     (("merged: {command: merge, from: dpo}", "merged: {command: quantize, from: report2}"), "unknown stage"),
     (("    targets: [sft, merged]", "    targets: [sft, mergd]"), "'mergd' is neither a stage"),
     (("command: dpo", "command: dpoo"), "unknown command 'dpoo' (did you mean 'dpo'?)"),
+    (("    limit: 2", "    limit: 2\n    reward: math_answr"), "reward: unknown reward 'math_answr'"),
+    (("    data: qa.jsonl", "    data: missing.jsonl"), "data: 'missing.jsonl' not found"),
+    (("data: {train: pairs.jsonl,", "data: {train: nothere.jsonl,"), "data file"),
 ])
 def test_graph_errors_are_one_line_with_file_and_line(tiny_model_dir, tmp_path, edit, message):
     from tunekit.pipeline.resolve import resolve_pipeline

@@ -337,6 +337,17 @@ def _quantize_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
         qtype = normalize_type(fmt, opts.get("type"))
     except TunekitError as exc:
         raise spec.fail(st.name, f"type: {exc}", "type") from None
+    if fmt == "gguf":
+        from tunekit.quantize.gguf_writer import DIRECT_TYPES
+
+        if qtype not in DIRECT_TYPES or opts.get("verify"):  # K-quants and --verify load llama.cpp
+            from tunekit.quantize.llamacpp import require_llama_cpp
+
+            try:
+                require_llama_cpp()
+            except TunekitError as exc:
+                raise spec.fail(st.name, f"type {qtype}{' with verify' if opts.get('verify') else ''}: {exc}",
+                                "type") from None
     res = Resolved(st.name, "quantize", spec.output / st.name, artifact_of(spec, st.name), needs=list(st.needs))
     for key in ("eval_text", "calibration"):
         if opts.get(key) not in (None, "builtin"):
@@ -388,12 +399,33 @@ def _eval_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
     if data is None:
         raise spec.fail(st.name, "eval needs `data:` (a file of records)", "data")
     opts["data"] = _existing(spec, st, "data", data, res)
+    if opts["data"] not in _stage_paths(spec):
+        from tunekit.data.sources import iter_source
+        from tunekit.errors import reading
+
+        try:
+            with reading(opts["data"]):
+                if not any(True for _ in iter_source(opts["data"])):
+                    raise TunekitError(f"{opts['data']}: no records to evaluate")
+        except TunekitError as exc:
+            raise spec.fail(st.name, f"data: {exc}", "data") from None
     for key in ("limit", "max_length", "max_new_tokens", "batch_size"):
         if key in opts and (not isinstance(opts[key], int) or opts[key] < 1):
             raise spec.fail(st.name, f"{key}: must be a positive whole number", key)
     reward = opts.get("reward")
     if isinstance(reward, str):
-        opts["reward"] = [reward]
+        opts["reward"] = reward = [reward]
+    for name in reward or []:
+        from tunekit.rewards.spec import RewardSpec
+
+        try:
+            RewardSpec(name=name)
+        except TunekitError as exc:
+            raise spec.fail(st.name, f"reward: {exc}", "reward") from None
+        except ValueError as exc:  # pydantic: the reward's own message is the first error's
+            errors = getattr(exc, "errors", lambda: [])()
+            msg = errors[0]["msg"].removeprefix("Value error, ") if errors else str(exc).splitlines()[0]
+            raise spec.fail(st.name, f"reward: {msg}", "reward") from None
     res.options = opts
     return res
 
