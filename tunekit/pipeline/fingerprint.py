@@ -95,12 +95,21 @@ def placeholders(value: Any, stage_paths: dict[str, str]) -> Any:
         return [placeholders(v, stage_paths) for v in value]
     if isinstance(value, str) and value in stage_paths:
         return f"<stage:{stage_paths[value]}>"
-    return value
+    return portable(value) if isinstance(value, str) else value
+
+
+def portable(path: str) -> str:
+    """The package's own assets as `tunekit/assets/...`, wherever tunekit is installed (so a moved checkout or
+    a new virtual environment does not change fingerprints)."""
+    from tunekit.paths import ASSETS_PREFIX, assets_dir
+
+    root = str(assets_dir()) + "/"
+    return ASSETS_PREFIX + path[len(root):] if path.startswith(root) else path
 
 
 def input_files(paths: list[str], hashes: FileHashes) -> dict[str, dict[str, str]]:
     """{path as given: {file: sha256}} of a stage's local inputs."""
-    return {p: hashes.path(p) for p in sorted(set(paths))}
+    return {portable(p): hashes.path(p) for p in sorted(set(paths))}
 
 
 def fingerprint(described: dict[str, Any], files: dict[str, Any], upstream: dict[str, str],
