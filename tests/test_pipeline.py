@@ -199,7 +199,8 @@ def _popen(path: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_then_resume_equals_uninterrupted_and_second_writer_refused(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_kill_then_resume_equals_uninterrupted_and_second_writer_refused(tiny_model_dir, tmp_path, kill):
     from safetensors.torch import load_file
 
     from tunekit.run import guard
@@ -218,9 +219,11 @@ def test_kill_then_resume_equals_uninterrupted_and_second_writer_refused(tiny_mo
     while time.time() < deadline and not list(partial.glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)  # a hard kill in the middle of the sft stage
-    proc.wait()
+    proc.send_signal(kill)  # in the middle of the sft stage
+    code = proc.wait()
     assert not (tmp_path / "killed/out/sft").exists()
+    if kill == signal.SIGTERM:  # a scheduler's stop: as Ctrl-C, recorded as interrupted
+        assert code == 130 and _statuses(tmp_path / "killed/out")["sft"] == "interrupted", proc.stderr.read()
     with pytest.raises(TunekitError, match="stage 'sft' was interrupted.*--resume"):
         run_file(runs["killed"])
     resumed = _popen(runs["killed"], "--resume")

@@ -3,6 +3,7 @@ stages that are not cached → report. Nothing is written before every stage val
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from tunekit.console import console
@@ -60,6 +61,7 @@ def run_file(path: str | Path, dry_run: bool = False, force: list[str] = (), onl
         return 0
     check_output_folder(spec, overwrite)
     held = guard.lock(spec.output)  # a second `tunekit run` on this output is refused here
+    previous = _stop_on_sigterm()
     try:
         hashes = FileHashes(state_dir(spec) / "file-hashes.json")
         plans = make_plan(spec, resolved, force, only, until, resume, hashes)
@@ -68,4 +70,20 @@ def run_file(path: str | Path, dry_run: bool = False, force: list[str] = (), onl
         print_table(spec, record)
     finally:
         held.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stop_on_sigterm():
+    """A scheduler's SIGTERM (SLURM preemption, `timeout`, `kill`) stops the pipeline as Ctrl-C does: the
+    running stage keeps its checkpoints for --resume and pipeline.json/report.md record it as interrupted."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
