@@ -1,4 +1,4 @@
-"""`tunekit run PIPELINE.yaml` on a tiny model: four stages run; a second run is all cached; a changed key re-runs
+"""`tunekit run PIPELINE.yaml` on a tiny model: five stages run; a second run is all cached; a changed key re-runs
 exactly its stage and dependants (upstream outputs untouched); an in-place data edit re-runs from its first
 reader; altered or removed outputs re-run; a kill then --resume equals an uninterrupted run; every stage is
 validated before the first writes; cycles and unknown names are one-line errors; a second writer is refused."""
@@ -21,11 +21,12 @@ from tunekit.pipeline.run import run_file
 
 PAIRS = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": "I do not know."} for r in QA]
 
+ALL = ("sft", "dpo", "merged", "gguf", "report")
 TRAIN = "{max_steps: 2, batch_size: 2, lr: 1.0e-2, save_steps: 0, logging_steps: 1}"
 
 
 def _pipeline(folder: Path, model: Path, dpo_beta: float = 0.1, extra: str = "") -> Path:
-    """sft -> dpo -> merged -> report, with data next to the pipeline file (relative paths)."""
+    """sft -> dpo -> merged -> gguf -> report, with data next to the pipeline file (relative paths)."""
     if not (folder / "qa.jsonl").exists():
         write_jsonl(folder / "qa.jsonl", QA)
         write_jsonl(folder / "pairs.jsonl", PAIRS)
@@ -48,6 +49,7 @@ stages:
     train: {TRAIN}
     set: {{dpo.beta: {dpo_beta}}}
   merged: {{command: merge, from: dpo}}
+  gguf: {{command: quantize, from: merged, format: gguf, type: Q8_0, verify: true}}
   report:
     command: eval
     targets: [sft, merged]
@@ -63,6 +65,15 @@ stages:
 def _mtimes(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def _plan(path: Path) -> dict[str, tuple[str, str]]:
+    from tunekit.pipeline.plan import make_plan
+    from tunekit.pipeline.resolve import resolve_pipeline
+    from tunekit.pipeline.spec import read_pipeline
+
+    spec = read_pipeline(path)
+    return {p.name: (p.action, p.why) for p in make_plan(spec, resolve_pipeline(spec))}
 
 
 def _text(capsys) -> str:
@@ -83,23 +94,24 @@ def ran(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_four_stages_run_then_all_cached(ran, capsys):
+def test_five_stages_run_then_all_cached(ran, capsys):
     folder, path = ran
     out = folder / "out"
-    assert _statuses(out) == {"sft": "ran", "dpo": "ran", "merged": "ran", "report": "ran"}
+    assert _statuses(out) == dict.fromkeys(ALL, "ran")
     assert (out / "sft/adapter").is_dir() and (out / "dpo/adapter").is_dir()
-    assert (out / "merged/config.json").is_file()
+    assert (out / "merged/config.json").is_file() and (out / "gguf/model-Q8_0.gguf").is_file()
     evals = json.loads((out / "report/eval.json").read_text())["targets"]
     assert set(evals) == {"sft", "merged"} and all("perplexity" in json.dumps(v) for v in evals.values())
     record = json.loads((out / "pipeline.json").read_text())
     assert record["stages"]["dpo"]["chained_from"]  # the sft adapter the dpo model stands on
     report = (out / "report.md").read_text()
     assert "| sft | sft | ran |" in report and "loss.png" in report and "## report: eval results" in report
+    assert "| gguf | quantize | ran |" in report and "ppl_change_pct" in report
     before = _mtimes(out / "sft")
     started = time.perf_counter()
     run_file(path)
     seconds = time.perf_counter() - started
-    assert _statuses(out) == dict.fromkeys(("sft", "dpo", "merged", "report"), "cached")
+    assert _statuses(out) == dict.fromkeys(ALL, "cached")
     assert seconds < 5, seconds
     assert _mtimes(out / "sft") == before
     assert "cached" in _text(capsys)
@@ -112,29 +124,30 @@ def test_changed_key_reruns_stage_and_dependants_only(ran, tiny_model_dir, capsy
     sft_before = _mtimes(out / "sft")
     path = _pipeline(folder, tiny_model_dir, dpo_beta=0.2)
     run_file(path, dry_run=True)
-    plan = _text(capsys)
-    assert "dpo.beta" in plan and "upstream 'dpo' re-runs" in plan
+    assert "will run" in _text(capsys)
+    plan = _plan(path)
+    assert plan["sft"] == ("cached", "up to date") and plan["dpo"] == ("run", "changed: dpo.beta")
+    assert plan["merged"] == ("run", "upstream 'dpo' re-runs")
     run_file(path)
-    assert _statuses(out) == {"sft": "cached", "dpo": "ran", "merged": "ran", "report": "ran"}
+    assert _statuses(out) == {"sft": "cached", "dpo": "ran", "merged": "ran", "gguf": "ran", "report": "ran"}
     assert _mtimes(out / "sft") == sft_before  # byte-identical, not rewritten (same mtimes)
     # an in-place edit of the sft data re-runs from sft on
     with (folder / "qa.jsonl").open("a") as fh:
         fh.write(json.dumps({"instruction": "One more?", "output": "Yes."}) + "\n")
-    run_file(path, dry_run=True)
-    assert "input changed" in _text(capsys)
+    assert _plan(path)["sft"] == ("run", f"input changed: {folder / 'qa.jsonl'}")
     run_file(path)
-    assert _statuses(out) == dict.fromkeys(("sft", "dpo", "merged", "report"), "ran")
+    assert _statuses(out) == dict.fromkeys(ALL, "ran")
     # an altered output re-runs its stage (and dependants); a removed one too
     (out / "merged/config.json").write_text((out / "merged/config.json").read_text() + " ")
     run_file(path)
-    assert _statuses(out) == {"sft": "cached", "dpo": "cached", "merged": "ran", "report": "ran"}
+    assert _statuses(out) == {"sft": "cached", "dpo": "cached", "merged": "ran", "gguf": "ran", "report": "ran"}
     import shutil
 
     shutil.rmtree(out / "report")
     run_file(path)
     assert _statuses(out)["report"] == "ran" and _statuses(out)["merged"] == "cached"
     run_file(path, force=["dpo"], until="merged")
-    assert _statuses(out) == {"sft": "cached", "dpo": "ran", "merged": "ran", "report": "skip"}
+    assert _statuses(out) == {"sft": "cached", "dpo": "ran", "merged": "ran", "gguf": "skip", "report": "skip"}
 
 
 def test_typo_in_last_stage_fails_before_anything_is_written(tiny_model_dir, tmp_path):
