@@ -37,7 +37,7 @@ def _register() -> None:
     # Only commands that work are registered. Each module exposes `register(app)`.
     import importlib
 
-    for name in ("stage", "eval", "merge", "quantize", "cai", "plan", "chat"):
+    for name in ("stage", "eval", "merge", "quantize", "cai", "plan", "chat", "run"):
         try:
             module = importlib.import_module(f"tunekit.cli.{name}")
         except ModuleNotFoundError as exc:  # command not built yet

@@ -28,7 +28,9 @@ def plan(
     from tunekit.errors import TunekitError
     from tunekit.launch.plan import apply_to_recipe, estimate
     from tunekit.launch.report import print_plan
+    from tunekit.paths import resolve_shipped_recipe
 
+    recipe = resolve_shipped_recipe(recipe) if recipe is not None else None
     cfg = load_recipe(recipe, list(set_))
     if apply is not None and apply.exists():
         raise TunekitError(f"--apply '{apply}' already exists; choose a new file")

@@ -22,8 +22,10 @@ from tunekit.errors import TunekitError
 def resolve_recipe(stage: str, recipe: Path | None, set_: list[str], output: Path | None):
     """The validated recipe for `stage`: file, then `--set` overrides, then `--output`."""
     from tunekit.config.load import load_recipe, read_yaml
+    from tunekit.paths import resolve_shipped_recipe
 
     if recipe is not None:
+        recipe = resolve_shipped_recipe(recipe)  # a shipped recipe by name works from any folder
         data, lines = read_yaml(recipe)
         declared = data.get("stage")
         if declared is not None and declared != stage:

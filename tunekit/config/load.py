@@ -276,14 +276,18 @@ def load_recipe(
     overrides: Iterable[str] = (),
     defaults: Mapping[str, Any] | None = None,
 ) -> Recipe:
-    """Read `path` (optional), apply `--set` overrides, validate. `defaults` seeds keys the file does not set."""
+    """Read `path` (optional), apply `--set` overrides, validate. `defaults` seeds keys the file does not set.
+    Paths in the file resolve against its folder, `tunekit/assets/...` to the package's assets (tunekit.paths)."""
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = "recipe"
     if defaults:
         data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     if path is not None:
+        from tunekit.paths import resolve_recipe_paths
+
         file_data, lines = read_yaml(path)
+        file_data = resolve_recipe_paths(file_data, Path(path).parent)  # relative to the recipe, from anywhere
         source = str(path)
         for k, v in file_data.items():
             if isinstance(v, dict) and isinstance(data.get(k), dict):

@@ -19,7 +19,7 @@ import os
 import sys
 
 TRAINING_COMMANDS = frozenset(
-    {"sft", "rm", "dpo", "grpo", "ppo", "cai", "eval", "kto", "orpo", "simpo", "rloo", "distill"}
+    {"sft", "rm", "dpo", "grpo", "ppo", "cai", "eval", "kto", "orpo", "simpo", "rloo", "distill", "run"}
 )
 ACTIVE = "TUNEKIT_ALLOCATOR_ACTIVE"  # set in the re-executed process: never re-execute twice
 

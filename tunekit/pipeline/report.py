@@ -1,0 +1,161 @@
+"""OUT/pipeline.json and OUT/report.md: one table of every stage (status, wall time, headline metrics, plots),
+and the eval stages' results side by side per target. The terminal ends with the same table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tunekit.pipeline.spec import PipelineSpec
+
+#: run-card metrics worth a column, by name fragment (first match wins the order)
+HEADLINE = ("train_loss", "eval_loss", "accuracy", "accuracies", "margins", "reward", "kl")
+NOT_HEADLINE = ("runtime", "per_second", "samples", "steps", "epoch", "flos", "std", "chosen", "rejected/")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, dict) and "value" in value:
+        value = value["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Numbers of one eval result, whichever shape: `metrics: {name: {value, stderr}}` or flat keys."""
+    source = result.get("metrics") if isinstance(result.get("metrics"), dict) else result
+    out = {}
+    for key, value in source.items():
+        number = _number(value)
+        if number is not None and key not in ("records", "n", "tokens", "limit", "max_length", "max_new_tokens",
+                                                     "batch_size"):
+            out[str(key)] = number
+    return out
+
+
+def headline(folder: Path, command: str, artifact: Path) -> dict[str, float]:
+    """A few metrics that say how the stage went."""
+    if command == "eval":
+        return {}
+    if command == "quantize":
+        card = _read_json(artifact.with_name(artifact.name + ".card.json")) or _read_json(artifact / "run_card.json")
+        verify = card.get("verify") or {}
+        out = {k: verify[k] for k in ("ppl_source", "ppl_quantized", "ppl_change_pct", "top1_agreement")
+               if _number(verify.get(k)) is not None}
+        if _number(verify.get("output_bytes")) is not None:
+            out["size_mb"] = verify["output_bytes"] / 1e6
+        return out
+    if command == "merge":
+        return {}
+    card = _read_json((artifact if command == "cai" else folder) / "run_card.json")
+    metrics = card.get("metrics") or {}
+    out: dict[str, float] = {}
+    for fragment in HEADLINE:
+        for key, value in metrics.items():
+            if fragment in key and not any(n in key for n in NOT_HEADLINE) and key not in out:
+                number = _number(value)
+                if number is not None:
+                    out[key] = number
+        if len(out) >= 4:
+            break
+    return dict(list(out.items())[:4])
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _seconds(entry: dict[str, Any]) -> str:
+    if entry.get("seconds") is not None:
+        return f"{entry['seconds']:.1f} s"
+    if entry.get("seconds_when_run") is not None:
+        return f"({entry['seconds_when_run']:.1f} s)"
+    return ""
+
+
+def stage_rows(spec: PipelineSpec, record: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in record["stages"].items():
+        folder = spec.output / name
+        artifact = Path(entry["artifact"])
+        plots = sorted(p.relative_to(spec.output).as_posix() for p in folder.glob("**/*.png")
+                       if "checkpoints" not in p.parts) if folder.is_dir() else []
+        metrics = headline(folder, entry["command"], artifact) if entry["status"] in ("ran", "cached") else {}
+        rows.append({"stage": name, "command": entry["command"], "status": entry["status"],
+                     "time": _seconds(entry), "metrics": metrics, "plots": plots})
+    return rows
+
+
+def eval_tables(spec: PipelineSpec, record: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """{eval stage: {target: {metric: value}}}."""
+    out = {}
+    for name, entry in record["stages"].items():
+        if entry["command"] != "eval" or entry["status"] not in ("ran", "cached"):
+            continue
+        data = _read_json(spec.output / name / "eval.json")
+        targets = data.get("targets") if isinstance(data.get("targets"), dict) else {}
+        out[name] = {t: eval_metrics(r) for t, r in targets.items() if isinstance(r, dict)}
+    return out
+
+
+def markdown(spec: PipelineSpec, record: dict[str, Any]) -> str:
+    lines = [f"# Pipeline {spec.path.name}", "", f"Output: `{spec.output}`; started {record['started']}, "
+             f"finished {record.get('finished', '')}.", "",
+             "| stage | command | status | wall time | metrics | plots |", "|---|---|---|---|---|---|"]
+    for row in stage_rows(spec, record):
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in row["metrics"].items())
+        plots = " ".join(f"[{Path(p).name}]({p})" for p in row["plots"])
+        lines.append(f"| {row['stage']} | {row['command']} | {row['status']} | {row['time']} | {metrics} | {plots} |")
+    for stage, targets in eval_tables(spec, record).items():
+        names = sorted({m for values in targets.values() for m in values})
+        lines += ["", f"## {stage}: eval results", "", "| metric | " + " | ".join(targets) + " |",
+                  "|---|" + "---|" * len(targets)]
+        for m in names:
+            cells = [(_fmt(targets[t][m]) if m in targets[t] else "") for t in targets]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Wall time in parentheses: the stage was cached; the time is that of the run that made it."]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(spec: PipelineSpec, record: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from tunekit.console import console
+
+    table = Table(title=f"pipeline {spec.path.name} -> {spec.output}")
+    for col in ("stage", "command", "status", "wall time", "metrics"):
+        table.add_column(col)
+    for row in stage_rows(spec, record):
+        table.add_row(row["stage"], row["command"], row["status"], row["time"],
+                      ", ".join(f"{k} {_fmt(v)}" for k, v in row["metrics"].items()))
+    console.print(table)
+    for stage, targets in eval_tables(spec, record).items():
+        t = Table(title=f"{stage}: eval results")
+        t.add_column("metric")
+        for target in targets:
+            t.add_column(target, justify="right")
+        for m in sorted({m for values in targets.values() for m in values}):
+            t.add_row(m, *[(_fmt(targets[x][m]) if m in targets[x] else "") for x in targets])
+        console.print(t)
+    console.print(f"report: {spec.output / 'report.md'}")
+
+
+def write_report(spec: PipelineSpec, record: dict[str, Any]) -> None:
+    from tunekit.pipeline.execute import _write_json
+
+    for name, entry in record["stages"].items():  # which adapters each trained model stands on
+        card = _read_json(spec.output / name / "run_card.json")
+        if card.get("chained_from"):
+            entry["chained_from"] = card["chained_from"]
+    _write_json(spec.output / "pipeline.json", record)
+    (spec.output / "report.md").write_text(markdown(spec, record), encoding="utf-8")
