@@ -17,6 +17,7 @@ from tunekit.console import console
 from tunekit.errors import TunekitError
 from tunekit.pipeline.fingerprint import FileHashes, manifest
 from tunekit.pipeline.plan import StagePlan, state_dir, state_file
+from tunekit.pipeline.report import write_json, write_report
 from tunekit.pipeline.resolve import Resolved
 from tunekit.pipeline.spec import PipelineSpec
 
@@ -36,16 +37,8 @@ def check_output_folder(spec: PipelineSpec, overwrite: bool) -> None:
     guard.check_writable(out / "x")
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def run_pipeline(spec: PipelineSpec, plans: list[StagePlan], hashes: FileHashes) -> dict[str, Any]:
     """Execute `plans` in order; returns the pipeline record (also OUT/pipeline.json)."""
-    from tunekit.pipeline.report import write_report
 
     record: dict[str, Any] = {"pipeline": str(spec.path), "output": str(spec.output),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
@@ -64,7 +57,7 @@ def run_pipeline(spec: PipelineSpec, plans: list[StagePlan], hashes: FileHashes)
             state_file(spec, p.name).unlink(missing_ok=True)  # not finished until recorded again
             console.rule(f"stage {p.name} ({p.command}): {p.why}")
             entry["status"] = "running"
-            _write_json(spec.output / "pipeline.json", record)
+            write_json(spec.output / "pipeline.json", record)
             started = time.perf_counter()
             try:
                 run_stage(p.resolved, resume=p.action == "resume")
@@ -81,7 +74,7 @@ def run_pipeline(spec: PipelineSpec, plans: list[StagePlan], hashes: FileHashes)
             entry.update(status="ran", seconds=seconds)
             stored = {**p.record, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "manifest": manifest(p.resolved.folder, hashes)}
-            _write_json(state_file(spec, p.name), stored)
+            write_json(state_file(spec, p.name), stored)
             hashes.save()
     finally:
         record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -175,8 +168,8 @@ def _eval(res: Resolved) -> None:
                                  o.get("max_new_tokens", 64), o.get("batch_size", 8), o.get("generate", True),
                                  o.get("reward") or [])
         safe = name.replace("/", "_")
-        _write_json(work / f"{safe}.json", {**result, "target": path})
+        write_json(work / f"{safe}.json", {**result, "target": path})
         summary["targets"][name] = {k: v for k, v in result.items() if k not in ("answers", "details")}
         gc.collect()
-    _write_json(work / "eval.json", summary)
+    write_json(work / "eval.json", summary)
     commit(work, res.folder)

@@ -150,12 +150,18 @@ def print_table(spec: PipelineSpec, record: dict[str, Any]) -> None:
     console.print(f"report: {spec.output / 'report.md'}")
 
 
-def write_report(spec: PipelineSpec, record: dict[str, Any]) -> None:
-    from tunekit.pipeline.execute import _write_json
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, written to a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
+
+def write_report(spec: PipelineSpec, record: dict[str, Any]) -> None:
     for name, entry in record["stages"].items():  # which adapters each trained model stands on
         card = _read_json(spec.output / name / "run_card.json")
         if card.get("chained_from"):
             entry["chained_from"] = card["chained_from"]
-    _write_json(spec.output / "pipeline.json", record)
+    write_json(spec.output / "pipeline.json", record)
     (spec.output / "report.md").write_text(markdown(spec, record), encoding="utf-8")

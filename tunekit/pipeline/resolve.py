@@ -416,7 +416,7 @@ def _eval_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
     if isinstance(reward, str):
         opts["reward"] = reward = [reward]
     for name in reward or []:
-        from tunekit.rewards.spec import RewardSpec
+        from tunekit.rewards.registry import RewardSpec
 
         try:
             RewardSpec(name=name)
