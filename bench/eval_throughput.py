@@ -29,7 +29,7 @@ def _folder_and_dtype(model: str) -> tuple[str, str]:
     from tunekit.config.schema import ModelConfig
     from tunekit.models.load import resolve_dtype, resolve_model_path
 
-    dtype = resolve_dtype(ModelConfig(name=model), frozen=True)
+    dtype = resolve_dtype(ModelConfig(name=model))  # as tunekit.models.load.load_model loads an eval target
     return str(resolve_model_path(model)), str(dtype).replace("torch.", "")
 
 
