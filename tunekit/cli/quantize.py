@@ -66,6 +66,8 @@ def quantize_cmd(
         group_size=group_size,
         embedding_type=embedding_type,
     )
+    for line in report.get("fallbacks", []):
+        typer.echo(f"note: {line} (details: {report['llama_log']})", err=True)
     if verify:
         print_table(report)
     typer.echo(

@@ -27,18 +27,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def resolve_model_path(name: str) -> Path | str:
-    """Alias → cached folder; existing path → Path; otherwise the hub id unchanged."""
-    if name in ALIASES:
-        return embedded_path(name)
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise TunekitError(f"model folder '{path}' has no config.json")
-        return path
-    if name.startswith((".", "/", "~")):
-        raise TunekitError(f"model path '{name}' does not exist")
-    return name
+def resolve_model_path(name: str, revision: str | None = None) -> Path | str:
+    """Alias → cached folder; existing path → Path; cached hub id → its snapshot; else the hub id, only when the
+    hub can be asked (tunekit.models.resolve: one resolver for every command)."""
+    from tunekit.models.resolve import resolve_model
+
+    return resolve_model(name, revision)
 
 
 def device_type() -> str:
@@ -182,7 +176,7 @@ def load_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     cfg = root_model(cfg)
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg.name, cfg.revision)
     try:
         return AutoConfig.from_pretrained(str(path), **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
@@ -204,7 +198,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
                                   cfg.model_copy(update={"name": str(loc.model_dir)}))
         path: Path | str = saved
     else:
-        path = resolve_model_path(cfg.name)
+        path = resolve_model_path(cfg.name, cfg.revision)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
@@ -306,7 +300,7 @@ def _load_folded(
 def _load_plain(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, task: str) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg.name, cfg.revision)
     dtype = resolve_dtype(cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": _attn(cfg), **_hub_kwargs(cfg)}
     qcfg = _quantization_config(cfg, dtype)

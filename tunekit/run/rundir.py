@@ -74,8 +74,11 @@ class RunDir:
         """Make the `.partial` folder (a fresh one unless resuming). A `.partial` without a checkpoint is what a
         dead run left (we hold the lock): it is discarded; --overwrite discards an interrupted one too. Rank 0
         makes it; the other ranks wait for it."""
+        from tunekit.quiet import library_log_to
+
         if self.resuming:
             set_log_dir(self.path)
+            library_log_to(self.path / "library.log")
         elif ranks.is_main():
             if self.path.exists() or self.path.is_symlink():
                 print(f"note: discarding the unfinished run at '{self.path}'", file=sys.stderr)
@@ -83,6 +86,7 @@ class RunDir:
             self._made = guard.make_parents(self.path)
             self.path.mkdir()
             set_log_dir(self.path)
+            library_log_to(self.path / "library.log")  # libraries' warnings, kept off the terminal
         ranks.barrier()
 
     @property
@@ -124,6 +128,9 @@ class RunDir:
             self.release()
 
     def release(self) -> None:
+        from tunekit.quiet import library_log_to
+
+        library_log_to(None)
         if self.lock is not None:
             self.lock.release()
             self.lock = None
