@@ -182,14 +182,19 @@ def log_to(path: Path) -> Iterator[None]:
             llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
-# llama-quant.cpp: "tensor cols 64 x 64 are not divisible by 256, required for q4_K - using fallback quantization q5_0"
-_FALLBACK = re.compile(r"not divisible by (\d+), required for (\w+)\s*-\s*using fallback quantization (\w+)")
+# llama-quant.cpp's fallback lines: older "tensor cols 64 x 64 are not divisible by 256, required for q4_K - using
+# fallback quantization q5_0"; llama-cpp-python 0.3.36's "ncols 64 not divisible by 256 (required for type q4_K) ->
+# falling back to q5_0". Groups: block width, wanted type, fallback type.
+_FALLBACK = (
+    re.compile(r"not divisible by (\d+), required for (\w+)\s*-\s*using fallback quantization (\w+)"),
+    re.compile(r"not divisible by (\d+) \(required for type\s+(\w+)\)\s*->\s*falling back to\s+(\w+)"),
+)
 
 
 def fallback_summary(log: str) -> list[str]:
     """One line per (wanted type, fallback type) from llama.cpp's quantize log, e.g. "180 tensors fell back to
     Q5_0 (wanted Q4_K): row width not a multiple of 256"."""
-    counts = Counter(_FALLBACK.findall(log))
+    counts = Counter(found for pattern in _FALLBACK for found in pattern.findall(log))
     return [f"{n} tensor{'s' if n != 1 else ''} fell back to {to.upper()} (wanted {want.upper()}): row width not "
             f"a multiple of {block}" for (block, want, to), n in sorted(counts.items(), key=lambda kv: -kv[1])]
 
