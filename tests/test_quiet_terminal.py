@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, QA, run_cli, write_jsonl
+from tests.helpers import QA, ROOT, run_cli, write_jsonl
 
 
 def test_deepspeed_and_library_warnings_go_to_the_run_library_log(tmp_path, tiny_model_dir):

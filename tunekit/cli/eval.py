@@ -43,6 +43,12 @@ def eval_cmd(
     check_range("--batch-size", batch_size, 1)
     if no_generate and max_new_tokens != 64:
         raise TunekitError("--max-new-tokens: no effect with --no-generate")
+    if reward and no_generate:
+        raise TunekitError("--reward: no effect with --no-generate (rewards score generated answers)")
+    if reward:  # every name is checked (typo, empty, a user function that does not import) before any work
+        from tunekit.rewards import RewardSet
+
+        RewardSet.from_specs([{"name": name} for name in reward])
     inputs = [target, data, base]
     # the output guard before any work: not an input, writable, no other writer (held until the file is written)
     held = guard.acquire(output, inputs, overwrite) if output is not None else None

@@ -107,14 +107,14 @@ def _reward_eval(target, base, records, rewards, max_new_tokens, batch_size) -> 
     from tunekit.data.preference import to_prompt
     from tunekit.generation import sample
     from tunekit.models.trained import load_any
-    from tunekit.rewards import RewardSpec, score
+    from tunekit.rewards import RewardSet, score
 
     prompts = [to_prompt(r.data, "auto", r.where) for r in records]
     model, tok = load_any(target, base)
     roll = sample(model, tok, [p.prompt for p in prompts], max_new_tokens=max_new_tokens, temperature=0,
                   batch_size=batch_size)
     columns = {k: [p.columns.get(k) for p in prompts] for k in {k for p in prompts for k in p.columns}}
-    specs = [RewardSpec(name=name) for name in rewards]
+    specs = RewardSet.from_specs([{"name": name} for name in rewards])
     scored = score(specs, [p.prompt for p in prompts], roll.texts, columns)
     result: dict[str, Any] = {"n": len(prompts), **scored.means()}
     result["answers"] = [{"prompt": p.prompt[-1]["content"], "answer": a} for p, a in zip(prompts, roll.texts)]

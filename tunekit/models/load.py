@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunekit.config.schema import ModelConfig
 from tunekit.errors import TunekitError
-from tunekit.models.embedded import ALIASES, embedded_path
+from tunekit.models.embedded import ALIASES
 from tunekit.run.locate import Located, locate
 
 if TYPE_CHECKING:

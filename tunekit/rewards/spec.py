@@ -16,7 +16,8 @@ class RewardSpec(BaseModel):
         description="A built-in reward (math_answer, format, length, code_tests, reward_model) or "
         "`python:package.module:function`."
     )
-    weight: float = Field(1.0, description="Weight of this reward in the sum (GRPOConfig.reward_weights).")
+    weight: float = Field(1.0, allow_inf_nan=False,
+                          description="Weight of this reward in the sum (GRPOConfig.reward_weights).")
 
     @property
     def params(self) -> dict[str, Any]:
