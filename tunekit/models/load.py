@@ -175,12 +175,21 @@ def load_config(cfg: ModelConfig):
     """The model's transformers config (config.json only; no weights); of the chain's root for a run."""
     from transformers import AutoConfig
 
+    from tunekit.models.sizes import check_config_sizes
+
     cfg = root_model(cfg)
     path = resolve_model_path(cfg.name, cfg.revision)
+    raw = Path(path) / "config.json" if isinstance(path, Path) and Path(path).is_dir() else None
+    if raw is not None and raw.is_file():  # impossible sizes are refused before transformers sees them
+        from tunekit.run.locate import read_json_config
+
+        check_config_sizes(read_json_config(raw), str(raw))
     try:
-        return AutoConfig.from_pretrained(str(path), **_hub_kwargs(cfg))
+        config = AutoConfig.from_pretrained(str(path), **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(cfg.name, exc) from None
+    check_config_sizes(config.to_dict(), f"{cfg.name}/config.json")
+    return config
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -301,6 +310,7 @@ def _load_plain(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, tas
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.name, cfg.revision)
+    load_config(cfg)  # config.json's sizes checked before any weight is allocated
     dtype = resolve_dtype(cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": _attn(cfg), **_hub_kwargs(cfg)}
     qcfg = _quantization_config(cfg, dtype)

@@ -57,6 +57,10 @@ def resolve_source(source: str | Path, workdir: Path) -> tuple[Path, str]:
     if loc is None:  # an alias or hub id
         return _resolve_name(str(source)), "model"
     if loc.model_dir is not None:
+        from tunekit.models.sizes import check_config_sizes
+        from tunekit.run.locate import read_json_config
+
+        check_config_sizes(read_json_config(loc.model_dir / "config.json"), str(loc.model_dir / "config.json"))
         if not _is_model_folder(loc.model_dir):
             raise TunekitError(f"'{loc.model_dir}' has a config.json but no *.safetensors weights")
         return loc.model_dir, loc.kind

@@ -43,7 +43,10 @@ class RunDir:
     ) -> RunDir:
         """Check and lock the output before any work; nothing is created until `create()` (after data and model
         load)."""
-        final = Path(output)
+        if not str(output).strip() or Path(output).name in ("", ".", ".."):
+            raise TunekitError(f"output '{output}': a run directory needs a name of its own (e.g. -o runs/my-run), "
+                               "not the current, parent or root folder")
+        final = Path(output).expanduser()
         work = partial_path(final)
         if not ranks.is_main():  # rank 0 checks and writes; the others follow it
             return cls(final, work, resume)
