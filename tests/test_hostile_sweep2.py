@@ -1,0 +1,160 @@
+"""The second hostile sweep (issue: hardening, second round), one case per cause: each is refused with exit code
+2, one `error:` line naming the key/file/option, no traceback, nothing written or changed, no lock left.
+
+In-process (typer's CliRunner) against one shared folder of real files: a tiny model, copies of it whose
+config.json states impossible sizes, a wider tiny model, data. docs/reliability.md lists every case id.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.contract import refused
+from tests.helpers import QA, run_cli, write_jsonl
+
+PAIRS = [{"prompt": f"What is {a} plus 1?", "chosen": f"{a + 1}", "rejected": f"{a + 2}"} for a in range(4)]
+#: config.json edits that no model can have
+IMPOSSIBLE = {
+    "model_hidden_neg": {"hidden_size": -64},
+    "model_hidden_zero": {"hidden_size": 0},
+    "model_layers_huge": {"num_hidden_layers": 10_000_000},
+    "model_heads_frac": {"num_attention_heads": 2.5},
+    "model_vocab_str": {"vocab_size": "512"},
+    "model_kv_not_divisor": {"num_key_value_heads": 3},
+}
+
+
+def build_world(world: Path, model_dir: Path) -> None:
+    from tunekit.models.tiny import build_tiny_model
+
+    shutil.copytree(model_dir, world / "model")
+    for name, edits in IMPOSSIBLE.items():
+        shutil.copytree(model_dir, world / name)
+        cfg = json.loads((world / name / "config.json").read_text())
+        cfg.update(edits)
+        (world / name / "config.json").write_text(json.dumps(cfg))
+    build_tiny_model(world / "model_wide", seed=2, hidden_size=128, intermediate_size=256, head_dim=32)
+    write_jsonl(world / "train.jsonl", QA)
+    write_jsonl(world / "pairs.jsonl", PAIRS)
+    (world / "calib.txt").write_text("Some calibration text.\n\nAnother paragraph.\n")
+
+
+def _sft(*sets: str, model: str = "model") -> list[str]:
+    base = [f"model.name={model}", "data.train=train.jsonl", *sets]
+    return ["sft", *[a for s in base for a in ("--set", s)]]
+
+
+def _yaml(world: Path, name: str, text: str) -> str:
+    (world / name).write_text(text, encoding="utf-8")
+    return name
+
+
+PASSTHROUGH_WIDTHS = """merge_method: passthrough
+dtype: float32
+slices:
+  - sources: [{model: model, layer_range: [0, 2]}]
+  - sources: [{model: model_wide, layer_range: [1, 2]}]
+"""
+
+# (id, argv builder given the world folder, a piece of the expected error line)
+CASES: list[tuple[str, object, str]] = [
+    # ---- --set into lists
+    ("set-index-into-value", lambda w: _sft("data.train.0.weight=2", "train.max_steps=1") + ["--dry-run"],
+     "'data.train' is not a list"),
+    ("set-index-out-of-range", lambda w: _sft("data.train=[{path: train.jsonl}]", "data.train.3.weight=2")
+     + ["--dry-run"], "index 3 is out of range"),
+    # ---- impossible config.json values, before anything is allocated (a 10^7-layer model used to hang)
+    *[(f"config-{name.removeprefix('model_').replace('_', '-')}", lambda w, n=name: _sft(model=n) + ["--dry-run"],
+       f"{name}/config.json") for name in IMPOSSIBLE],
+    ("config-neg-eval", lambda w: ["eval", "model_hidden_neg", "--data", "train.jsonl", "--no-generate"],
+     "hidden_size = -64 is impossible"),
+    ("config-neg-quantize", lambda w: ["quantize", "model_hidden_neg", "-f", "gguf", "-o", "q.gguf"],
+     "hidden_size = -64 is impossible"),
+    # ---- run outputs that name no run directory
+    ("output-dot", lambda w: _sft() + ["-o", "."], "needs a name of its own"),
+    ("output-root", lambda w: _sft() + ["-o", "/"], "needs a name of its own"),
+    ("output-empty", lambda w: _sft() + ["-o", ""], "needs a name of its own"),
+    ("output-parent", lambda w: _sft() + ["-o", ".."], "needs a name of its own"),
+    # ---- quantize: every input before the first byte, even where the option has no effect
+    ("quantize-eval-text-missing", lambda w: ["quantize", "model", "-f", "gguf", "-t", "Q8_0", "--verify",
+                                              "--eval-text", "nope.txt", "-o", "q.gguf"], "--eval-text 'nope.txt'"),
+    ("quantize-calibration-missing-unused", lambda w: ["quantize", "model", "-f", "gguf", "-t", "Q8_0",
+                                                       "--calibration", "nope.txt", "-o", "q.gguf"],
+     "--calibration 'nope.txt' not found"),
+    # ---- launch options, before anything is spawned
+    ("launch-gpus-zero", lambda w: _sft() + ["--gpus", "0"], "--gpus: must be at least 1"),
+    ("launch-gpus-negative", lambda w: _sft() + ["--gpus", "-3"], "--gpus: must be at least 1"),
+    ("launch-nodes-negative", lambda w: _sft() + ["--nodes", "-1"], "--nodes: must be at least 1"),
+    ("launch-machine-rank-past-nodes", lambda w: _sft() + ["--nodes", "2", "--machine-rank", "5"],
+     "--machine-rank: must be 0 to 1"),
+    ("launch-port-negative", lambda w: _sft() + ["--main-port", "-1"], "--main-port: must be a TCP port"),
+    ("launch-port-too-big", lambda w: _sft() + ["--main-port", "70000"], "--main-port: must be a TCP port"),
+    # ---- plan
+    ("plan-gpu-mem-overflow", lambda w: ["plan", "--set", "model.name=model", "--gpu-mem", "1e999"],
+     "not a finite size"),
+    ("plan-gpu-mem-nan", lambda w: ["plan", "--set", "model.name=model", "--gpu-mem", "nan"], "--gpu-mem 'nan'"),
+    ("plan-apply-inside-model", lambda w: ["plan", "--set", "model.name=model", "--gpu-mem", "24GiB",
+                                           "--apply", "model/plan.yaml"], "lies inside the input"),
+    # ---- merge
+    ("merge-passthrough-widths", lambda w: ["merge", _yaml(w, "m.yml", PASSTHROUGH_WIDTHS), "-o", "merged"],
+     "models of different sizes"),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir) -> Path:
+    w = tmp_path_factory.mktemp("sweep2")
+    build_world(w, tiny_model_dir)
+    return w
+
+
+@pytest.fixture
+def locks(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TUNEKIT_LOCK_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_refused(case, world, locks, monkeypatch):
+    name, build, expected = case
+    monkeypatch.chdir(world)
+    (world / "m.yml").unlink(missing_ok=True)
+    args = build(world)
+    line, _ = refused(args, world, locks)
+    assert expected in line, line
+    print(name, "->", line)
+
+
+def test_plan_with_a_huge_batch_answers_at_once(world, monkeypatch):
+    """batch_size 10^9 used to hang in the planner's divisor loop."""
+    monkeypatch.chdir(world)
+    from typer.testing import CliRunner
+
+    from tunekit.cli.app import app
+
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["plan", "--set", "model.name=model", "--set", "train.batch_size=1000000000",
+                                      "--gpu-mem", "24GiB"])
+    assert result.exit_code in (0, 2), result.stderr[-2000:]
+    assert time.perf_counter() - started < 30
+
+
+def test_a_failed_launch_leaves_no_launch_folder(world, tmp_path):
+    """--gpus 2 with bad data: the children fail; the parent removes the `<out>.launch/` it wrote."""
+    write_jsonl(tmp_path / "bad.jsonl", [{"nothing": "useful"}])
+    out = tmp_path / "run"
+    res = run_cli("sft", "--set", f"model.name={world / 'model'}", "--set", f"data.train={tmp_path / 'bad.jsonl'}",
+                  "--gpus", "2", "--output", out, timeout=300)
+    assert res.returncode != 0
+    assert not Path(str(out) + ".launch").exists() and not out.exists()
+
+
+def test_case_ids_are_documented():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
+    missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
+    assert not missing, missing
