@@ -144,6 +144,7 @@ def test_plan_with_a_huge_batch_answers_at_once(world, monkeypatch):
     assert time.perf_counter() - started < 30
 
 
+@pytest.mark.slow
 def test_a_failed_launch_leaves_no_launch_folder(world, tmp_path):
     """--gpus 2 with bad data: the children fail; the parent removes the `<out>.launch/` it wrote."""
     write_jsonl(tmp_path / "bad.jsonl", [{"nothing": "useful"}])

@@ -18,7 +18,6 @@ Hand-written: no library computes these from a recipe (accelerate's `estimate-me
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 from typing import Any
 
