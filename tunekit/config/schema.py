@@ -343,6 +343,10 @@ class Recipe(Section):
     def _sections_of_this_stage(self) -> Recipe:
         for name in sorted(self.foreign_sections() & self.model_fields_set):
             raise ValueError(foreign_section_message(name, self.stage))
+        if self.stage in ("rm", "dpo", "grpo", "ppo"):  # sft-only data options: set here they would do nothing
+            for key in sorted({"packing", "train_on"} & self.data.model_fields_set):
+                if getattr(self.data, key) != DataConfig.model_fields[key].default:
+                    raise ValueError(f"data.{key}: no effect with stage {self.stage} (sft only); remove it")
         if self.stage == "rm":
             from tunekit.adapters import get_kind
 
