@@ -159,3 +159,19 @@ def test_case_ids_are_documented():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
     missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
     assert not missing, missing
+
+
+@pytest.mark.slow
+def test_a_reward_model_run_is_not_a_policy(tmp_path, tiny_model_dir):
+    """`tunekit dpo` from a `tunekit rm` run used to train the scorer's backbone as a policy without a word."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    rm_run = tmp_path / "rm"
+    sets = [f"model.name={tiny_model_dir}", f"data.train={pairs}", "train.max_steps=1", "train.batch_size=2",
+            "train.save_steps=0", "generate.samples=0"]
+    res = run_cli("rm", *[a for s in sets for a in ("--set", s)], "--output", rm_run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "dpo"
+    res = run_cli("dpo", "--set", f"model.name={rm_run}", "--set", f"data.train={pairs}", "--output", out)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "is a reward model" in errors[0], res.stderr[-2000:]
+    assert not out.exists() and not Path(str(out) + ".partial").exists()

@@ -111,3 +111,17 @@ def test_eval_reward_is_checked_before_any_work(tmp_path, monkeypatch, tiny_mode
     monkeypatch.chdir(tmp_path)
     line, _ = refused(["eval", str(tiny_model_dir), "--data", "d.jsonl", *extra], tmp_path)
     assert expected in line, line
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("code_tests", {"interpreter": "/bin/sh"}, "interpreter '/bin/sh' is not a Python 3 interpreter"),
+    ("code_tests", {"memory_mb": 0}, "memory_mb must be a whole number >= 64"),
+    ("code_tests", {"timeout": math.nan}, "timeout must be a finite number > 0"),
+    ("length", {"max": math.nan}, "max must be a finite number"),
+    ("length", {"min": -3}, "min and max must be >= 0"),
+])
+def test_reward_parameters_are_checked_when_built(name, params, message):
+    """Before training (GRPO builds its rewards in the data step), not at the first reward call as an internal
+    error or a sandbox failure."""
+    with pytest.raises(TunekitError, match=message):
+        RewardSet.from_specs([{"name": name, **params}])

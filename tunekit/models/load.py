@@ -124,6 +124,23 @@ def earlier_run(cfg: ModelConfig) -> Located | None:
     return loc if loc is not None and loc.kind != "model" else None
 
 
+def refuse_reward_model_as_policy(cfg: ModelConfig, task: str) -> None:
+    """A run of `tunekit rm` is a scorer (a one-output head), not a language model: chaining a policy stage (dpo,
+    grpo, sft, ...) from it would silently drop its head and train a base that never learned to generate."""
+    if task != "causal_lm":
+        return
+    loc = earlier_run(cfg)
+    if loc is None or loc.run_dir is None:
+        return
+    from tunekit.config.load import read_yaml_file
+
+    recipe = read_yaml_file(loc.run_dir / "recipe.yaml", "run recipe") or {}
+    if isinstance(recipe, dict) and recipe.get("stage") == "rm":
+        raise TunekitError(f"model.name '{cfg.name}' is a reward model (a `tunekit rm` run): it scores text and "
+                           "cannot be trained or used as a policy; start from its base model, and use the run as "
+                           f"a reward: rewards: [{{name: reward_model, path: {cfg.name}}}]")
+
+
 def _base_of(loc: Located, cfg: ModelConfig) -> ModelConfig:
     """The section to load an earlier adapter's base with: its name and revision from the run that trained it,
     every loading option (dtype, attention, trust_remote_code, template) from the current recipe."""
@@ -262,6 +279,7 @@ def load_model(
     adapter folder is loaded as its base with the adapter folded in (see the module docstring).
 
     task="seq_cls": the same backbone with a one-output score head (a reward model, r(x, y) ∈ R)."""
+    refuse_reward_model_as_policy(cfg, task)
     loc = earlier_run(cfg)
     if loc is None:
         model = _load_plain(cfg, tokenizer, task)
@@ -364,6 +382,7 @@ def build_meta_model(cfg: ModelConfig, task: str = "causal_lm") -> PreTrainedMod
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    refuse_reward_model_as_policy(cfg, task)
     config = load_config(cfg)
     auto = AutoModelForCausalLM
     if task == "seq_cls":
