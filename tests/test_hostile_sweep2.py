@@ -175,3 +175,28 @@ def test_a_reward_model_run_is_not_a_policy(tmp_path, tiny_model_dir):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1 and "is a reward model" in errors[0], res.stderr[-2000:]
     assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def _tree(root: Path) -> dict[str, str]:
+    from tests.test_fuzz_contract import snapshot
+
+    return snapshot(root)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_replaced_data_file(tmp_path, tiny_model_dir):
+    """Same recipe, same file name, other records: --resume used to continue on the new data."""
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    out = tmp_path / "run"
+    common = ["--set", f"model.name={tiny_model_dir}", "--set", f"data.train={data}", "--set", "train.save_steps=1",
+              "--set", "generate.samples=0", "--set", "train.max_steps=2", "--output", out]
+    res = run_cli("sft", *common)
+    assert res.returncode == 0, res.stderr
+    partial = out.with_name("run.partial")
+    out.rename(partial)  # an interrupted run
+    write_jsonl(data, [{"instruction": r["instruction"], "output": r["output"] + " Indeed."} for r in QA])
+    before = _tree(partial)
+    res = run_cli("sft", *common, "--resume")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "the training data changed" in errors[0], res.stderr
+    assert _tree(partial) == before and not out.exists()
