@@ -200,3 +200,72 @@ def test_resume_refuses_a_replaced_data_file(tmp_path, tiny_model_dir):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1 and "the training data changed" in errors[0], res.stderr
     assert _tree(partial) == before and not out.exists()
+
+
+# ---- cai on the shared output guard, lock, resume check and upfront validation
+def _cai(model_dir: Path, tmp: Path, out: Path, *extra: str):
+    from tunekit.config.load import load_recipe
+
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Say {i}."} for i in range(4)])
+    return load_recipe(None, ["stage=cai", f"model.name={model_dir}", f"output={out}", f"cai.prompts={prompts}",
+                              "cai.eval_prompts=null", *extra])
+
+
+@pytest.mark.parametrize("where, extra, message", [
+    ("inside-model", (), "lies inside the input"),
+    ("run", ("cai.feedback_model=./no/such/judge",), "cai.feedback_model: model './no/such/judge' not found"),
+    ("run", ("cai.critic_model=./no/such/critic",), "cai.critic_model: model './no/such/critic' not found"),
+    ("run", ("cai.sft_overrides={output: elsewhere}",), "cai.sft_overrides: output cannot be set"),
+])
+def test_cai_is_checked_before_any_phase(tmp_path, tiny_model_dir, monkeypatch, where, extra, message):
+    from tunekit.errors import TunekitError
+    from tunekit.stages.cai import run_cai
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNEKIT_LOCK_DIR", str(tmp_path / "locks"))
+    out = model / "cai" if where == "inside-model" else tmp_path / "run"
+    recipe = _cai(model, tmp_path, out, *extra)
+    before = _tree(tmp_path)
+    with pytest.raises(TunekitError, match=message):
+        run_cai(recipe)
+    after = {k: v for k, v in _tree(tmp_path).items() if not k.startswith("locks")}
+    assert after == {k: v for k, v in before.items() if not k.startswith("locks")}
+
+
+def test_cai_second_writer_and_changed_resume_are_refused(tmp_path, tiny_model_dir, monkeypatch):
+    from tunekit.config.load import dump_recipe
+    from tunekit.errors import TunekitError
+    from tunekit.stages.cai import run_cai
+
+    monkeypatch.setenv("TUNEKIT_LOCK_DIR", str(tmp_path / "locks"))
+    out = tmp_path / "run"
+    recipe = _cai(tiny_model_dir, tmp_path, out)
+    out.mkdir()
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    (out / "cai_state.json").write_text(json.dumps({"phases": {"critique": {"status": "running"}}}))
+    before = _tree(out)
+    import os
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(  # another writer of the same output, alive
+        [sys.executable, "-c", f"from tunekit.run import guard; guard.lock({str(out)!r}); print('held', flush=True); "
+                               "import time; time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "TUNEKIT_LOCK_DIR": str(tmp_path / "locks")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TunekitError, match=f"is being written by pid {holder.pid}"):
+            run_cai(recipe, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    changed = _cai(tiny_model_dir, tmp_path, out, "cai.revision_rounds=3")
+    with pytest.raises(TunekitError, match=r"--resume with a changed recipe: cai.revision_rounds \(1 -> 3\)"):
+        run_cai(changed, resume=True)
+    (out / "cai_state.json").write_text("{not json")
+    with pytest.raises(TunekitError, match="cai_state.json"):
+        run_cai(recipe, resume=True)
+    (out / "cai_state.json").write_text(json.dumps({"phases": {"critique": {"status": "running"}}}))
+    assert _tree(out) == before
