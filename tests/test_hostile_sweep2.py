@@ -42,6 +42,8 @@ def build_world(world: Path, model_dir: Path) -> None:
     write_jsonl(world / "train.jsonl", QA)
     write_jsonl(world / "pairs.jsonl", PAIRS)
     (world / "calib.txt").write_text("Some calibration text.\n\nAnother paragraph.\n")
+    write_jsonl(world / "margins.jsonl", [{**p, "margin": 1e308} for p in PAIRS])
+    write_jsonl(world / "prompts.jsonl", [{"prompt": f"What is {a} plus 1?", "answer": a + 1} for a in range(4)])
 
 
 def _sft(*sets: str, model: str = "model") -> list[str]:
@@ -100,6 +102,29 @@ CASES: list[tuple[str, object, str]] = [
     ("plan-gpu-mem-nan", lambda w: ["plan", "--set", "model.name=model", "--gpu-mem", "nan"], "--gpu-mem 'nan'"),
     ("plan-apply-inside-model", lambda w: ["plan", "--set", "model.name=model", "--gpu-mem", "24GiB",
                                            "--apply", "model/plan.yaml"], "lies inside the input"),
+    # ---- stages: options that do nothing or undo themselves, non-finite numbers, broken reward parameters
+    ("rm-margin-huge", lambda w: ["rm", "--set", "model.name=model", "--set", "data.train=margins.jsonl",
+                                  "-o", "out"], "margins.jsonl:1: field 'margin' = 1e+308"),
+    ("dpo-negative-loss-weight", lambda w: ["dpo", "--set", "model.name=model", "--set", "data.train=pairs.jsonl",
+                                            "--set", "dpo.loss_type=[sigmoid, sft]", "--set",
+                                            "dpo.loss_weights=[1.0, -0.5]", "-o", "out"], "weights must be >= 0"),
+    ("dpo-packing", lambda w: ["dpo", "--set", "model.name=model", "--set", "data.train=pairs.jsonl",
+                               "--set", "data.packing=true", "-o", "out"], "data.packing: no effect with stage dpo"),
+    ("rm-train-on", lambda w: ["rm", "--set", "model.name=model", "--set", "data.train=pairs.jsonl",
+                               "--set", "data.train_on=all", "-o", "out"], "data.train_on: no effect with stage rm"),
+    ("grpo-reward-weight-nan", lambda w: ["grpo", "--set", "model.name=model", "--set", "data.train=prompts.jsonl",
+                                          "--set", "rewards=[{name: math_answer, weight: 'nan'}]", "-o", "out"],
+     "weight"),
+    ("grpo-length-max-nan", lambda w: ["grpo", "--set", "model.name=model", "--set", "data.train=prompts.jsonl",
+                                       "--set", "rewards=[{name: length, max: 'nan'}]", "-o", "out"],
+     "max must be a finite number"),
+    ("grpo-code-tests-memory-zero", lambda w: ["grpo", "--set", "model.name=model", "--set",
+                                               "data.train=prompts.jsonl", "--set",
+                                               "rewards=[{name: code_tests, column: answer, memory_mb: 0}]",
+                                               "-o", "out"], "memory_mb must be a whole number >= 64"),
+    ("grpo-user-reward-missing", lambda w: ["grpo", "--set", "model.name=model", "--set", "data.train=prompts.jsonl",
+                                            "--set", "rewards=[{name: 'python:no_such_mod_q:fn'}]", "-o", "out"],
+     "cannot import no_such_mod_q"),
     # ---- merge
     ("merge-passthrough-widths", lambda w: ["merge", _yaml(w, "m.yml", PASSTHROUGH_WIDTHS), "-o", "merged"],
      "models of different sizes"),
