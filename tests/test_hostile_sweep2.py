@@ -294,3 +294,19 @@ def test_cai_second_writer_and_changed_resume_are_refused(tmp_path, tiny_model_d
         run_cai(recipe, resume=True)
     (out / "cai_state.json").write_text(json.dumps({"phases": {"critique": {"status": "running"}}}))
     assert _tree(out) == before
+
+
+def test_resume_drops_rows_the_checkpoint_had_not_seen(tmp_path):
+    """metrics.jsonl after a resume from checkpoint-2 of a run killed after its summary row: steps 3-4 and the
+    summary are logged again by the resumed run, so the interrupted run's copies are dropped (a torn line too)."""
+    from transformers import TrainerState
+
+    from tunekit.run.callbacks import MetricsCallback
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "train_runtime": 9.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    MetricsCallback(path).on_train_begin(None, TrainerState(global_step=2), None)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+    MetricsCallback(tmp_path / "none.jsonl").on_train_begin(None, TrainerState(global_step=0), None)
+    assert not (tmp_path / "none.jsonl").exists()
