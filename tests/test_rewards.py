@@ -94,7 +94,7 @@ def test_format_tags_and_regex():
     search = get_reward("format", pattern=r"\d+", mode="search")
     assert call(full, ["123", "abc 12"]) == [1.0, 0.0]
     assert call(search, ["123", "abc 12", "abc"]) == [1.0, 1.0, 0.0]
-    for bad in ({}, {"pattern": "a", "tags": ["b"]}, {"pattern": "("}, {"pattern": "a", "mode": "any"},
+    for bad in ({"pattern": "a", "tags": ["b"]}, {"pattern": "("}, {"pattern": "a", "mode": "any"},  # {}: R1 default
                 {"tags": "think"}):
         with pytest.raises(TunekitError, match="reward 'format'"):
             get_reward("format", **bad)

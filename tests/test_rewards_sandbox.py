@@ -342,3 +342,67 @@ def test_sandbox_uids_are_never_shared():
     assert not set(held_a) & set(held_b)
     a.release(held_a[0])
     assert b.acquire() == held_a[0]  # free again once released
+
+
+def _listening_unix_socket() -> tuple[socket.socket, str]:
+    """A world-writable UNIX socket on the host's file system, as other services leave them in /tmp or /run."""
+    folder = tempfile.mkdtemp(prefix="tunekit-host-socket-", dir="/tmp")
+    os.chmod(folder, 0o777)
+    path = os.path.join(folder, "service.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(1)
+    server.settimeout(0.5)
+    return server, path
+
+
+UNIX_CONNECT = ("import socket\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                "s.connect({path!r})\n"
+                "s.sendall(b'leaked')\n"
+                "s.close()\n"
+                "sent = True\n")
+
+
+def _received(server: socket.socket) -> bytes:
+    try:
+        conn, _ = server.accept()
+    except TimeoutError:
+        return b""
+    with conn:
+        conn.settimeout(0.5)
+        return conn.recv(64)
+
+
+@pytest.mark.parametrize("seccomp", [True, False], ids=["sandbox", "without-seccomp"])
+def test_host_unix_sockets_are_unreachable(seccomp):
+    """The hostile program (only ever run inside the sandbox) connects to a host UNIX socket and sends data. With
+    the seccomp layer it cannot even create the socket; without it (the control case) the attack succeeds, which
+    shows the test can fail."""
+    from tunekit.rewards.sandbox_supervisor import seccomp_supported
+
+    if not seccomp_supported():
+        pytest.skip("seccomp filter is built for x86_64 and aarch64 Linux")
+    server, path = _listening_unix_socket()
+    try:
+        sb = Sandbox(SandboxLimits(timeout=TIMEOUT, memory_mb=512, processes=16), seccomp=seccomp)
+        result = sb.run(UNIX_CONNECT.format(path=path), ["assert sent"])
+        received = _received(server)
+    finally:
+        server.close()
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    if seccomp:
+        assert "seccomp:no-unix-sockets" in result.layers
+        assert result.score() == 0.0 and received == b"", (result.output, received)
+        assert "Permission denied" in result.output, result.output
+    else:
+        assert received == b"leaked" and result.score() == 1.0, (result.output, result.layers)
+
+
+def test_python_still_works_under_the_seccomp_layer(sandbox):
+    """Pipes, socketpair-free stdlib, subprocess-free code: the filter denies only AF_UNIX sockets and io_uring."""
+    result = run_timed(sandbox, "import json, re, collections\nv = json.dumps({'a': [1, 2]})\n",
+                       ["assert v == '{\"a\": [1, 2]}'"])
+    assert result.score() == 1.0 and "seccomp:no-unix-sockets" in result.layers, result.output

@@ -1,5 +1,9 @@
 """Keep library chatter out of the user's terminal: our own progress bars and one-line messages only.
 
+Libraries' log records (DeepSpeed's `Setting accelerator to CPU` warning, transformers' and datasets' warnings)
+go to one handler, `LIBRARY_LOG`, that holds them until a run directory exists and then appends them to
+`<run>/library.log` (`library_log_to`); errors of DeepSpeed still reach the terminal.
+
 transformers and datasets are quieted when they are imported, not imported here: a command that never uses them
 (`tunekit merge` needs only torch and safetensors) does not pay their import time and ~100 MB of RSS.
 """
@@ -12,12 +16,55 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
+
+
+class LibraryLog(logging.Handler):
+    """Library log records: kept in memory (the latest 2,000) until `to(path)` names a file, then appended there."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.pending: list[str] = []
+        self.file: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - a library's malformed record must never break the run
+            line = f"{record.levelname} {record.name}: {record.msg!r}"
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+        else:
+            self.pending = [*self.pending[-1999:], line]
+
+    def to(self, path: str | os.PathLike | None) -> None:
+        """Append from now on to `path` (what was held first); None closes the file and holds again."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if path is not None:
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across the run's rename
+            self.file.writelines(line + "\n" for line in self.pending)
+            self.file.flush()
+            self.pending = []
+
+
+LIBRARY_LOG = LibraryLog()
+
+
+def library_log_to(path: str | os.PathLike | None) -> None:
+    """Write the libraries' log records to `path` (a run's library.log) from now on; None stops."""
+    LIBRARY_LOG.to(path)
 
 
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(LIBRARY_LOG)
     hf_logging.disable_progress_bar()
 
 
@@ -28,7 +75,24 @@ def _quiet_datasets() -> None:
     datasets.logging.set_verbosity_error()
 
 
-_QUIETERS: dict[str, Callable[[], None]] = {"transformers": _quiet_transformers, "datasets": _quiet_datasets}
+def _quiet_deepspeed() -> None:
+    """DeepSpeed's logger prints to stdout from its own handler (even during `import deepspeed`): records go to
+    the library log instead; its errors still reach the terminal."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    for handler in list(ds_logger.handlers):
+        ds_logger.removeHandler(handler)
+    ds_logger.addHandler(LIBRARY_LOG)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    errors.setFormatter(logging.Formatter("DeepSpeed %(levelname)s: %(message)s"))
+    ds_logger.addHandler(errors)
+
+
+_QUIETERS: dict[str, Callable[[], None]] = {
+    "transformers": _quiet_transformers,
+    "datasets": _quiet_datasets,
+    "deepspeed.utils.logging": _quiet_deepspeed,
+}
 
 
 def _run(name: str) -> None:
@@ -49,8 +113,8 @@ class _QuietOnImport(importlib.abc.MetaPathFinder):
         self.pending = pending  # the libraries not imported yet
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001 - importlib's protocol
-        if fullname not in self.pending or path is not None:
-            return None
+        if fullname not in self.pending or (path is not None) != ("." in fullname):
+            return None  # a top-level library is found with path None, a submodule with its package's path
         self.pending.discard(fullname)  # once, and no recursion from the lookup below
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

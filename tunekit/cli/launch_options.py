@@ -47,7 +47,20 @@ def launch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def resolve(recipe: Any, given: dict[str, Any]) -> LaunchOptions:
     """Command-line options over the recipe's `launch` section."""
+    from tunekit.errors import TunekitError
+
+    for name, flag in (("gpus", "--gpus"), ("nodes", "--nodes")):
+        if given.get(name) is not None and given[name] < 1:
+            raise TunekitError(f"{flag}: must be at least 1, got {given[name]}")
+    port = given.get("main_port")
+    if port is not None and not 1 <= port <= 65535:
+        raise TunekitError(f"--main-port: must be a TCP port (1 to 65535), got {port}")
     section = recipe.launch
+    nodes = given.get("nodes") or section.nodes
+    rank = given.get("machine_rank")
+    if rank is not None and not 0 <= rank < nodes:
+        raise TunekitError(f"--machine-rank: must be 0 to {nodes - 1} (one per machine of --nodes {nodes}), "
+                           f"got {rank}")
     return LaunchOptions(
         gpus=given.get("gpus") or section.gpus,
         nodes=given.get("nodes") or section.nodes,

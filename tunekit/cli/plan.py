@@ -34,6 +34,11 @@ def plan(
     cfg = load_recipe(recipe, list(set_))
     if apply is not None and apply.exists():
         raise TunekitError(f"--apply '{apply}' already exists; choose a new file")
+    if apply is not None:  # never inside the model folder, the data or any other input of the recipe
+        from tunekit.run import guard
+        from tunekit.stages.common import recipe_inputs
+
+        guard.check_overlap(apply, recipe_inputs(cfg))
     result = estimate(cfg, gpu_mem, gpus=gpus, nodes=nodes, strategy=None if strategy == "auto" else strategy,
                       stage=stage)
     print_plan(result)

@@ -71,6 +71,8 @@ def quantize_cmd(
         embedding_type=embedding_type,
         strict=strict,
     )
+    for line in report.get("fallbacks", []):
+        typer.echo(f"note: {line} (details: {report['llama_log']})", err=True)
     if verify:
         print_table(report)
     check = report.get("template_check")

@@ -34,7 +34,9 @@ def resolve_recipe(stage: str, recipe: Path | None, set_: list[str], output: Pat
                                f"(or change `stage:`)")
     overrides = list(set_)
     if output is not None:
-        overrides.append(f"output={output}")
+        import json
+
+        overrides.append(f"output={json.dumps(str(output))}")  # a string as given: `-o '~'` is not YAML's null
     return load_recipe(recipe, overrides, defaults={"stage": stage})
 
 

@@ -211,11 +211,28 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
         raise TunekitError(f"--set {key}: unknown key{suggest(generic, valid)}")
     parts = key.split(".")
     node: Any = data
+
+    def checked_index(i: int) -> int:
+        """parts[i] as an index into the list `node`; a name, or an index past the end, is the user's error."""
+        where = ".".join(parts[:i])
+        if not parts[i].isdigit():
+            raise TunekitError(f"--set {key}: '{where}' is a list; index it with a number ({where}.0...)")
+        if int(parts[i]) > len(node) or (int(parts[i]) == len(node) and i < len(parts) - 1):
+            raise TunekitError(f"--set {key}: '{where}' has {len(node)} entr{'y' if len(node) == 1 else 'ies'}; "
+                               f"index {parts[i]} is out of range")
+        return int(parts[i])
+
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node = node[int(part)]
+            node = node[checked_index(i)]
+            if not isinstance(node, (dict, list)):
+                raise TunekitError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
             continue
         nxt = node.get(part)
+        if parts[i + 1].isdigit() and nxt is not None and not isinstance(nxt, list):
+            raise TunekitError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a list, so it has no entry "
+                               f"{parts[i + 1]} (set it as a list first, e.g. --set '{'.'.join(parts[: i + 1])}"
+                               "=[{path: a.jsonl}]')")
         if nxt is None:
             nxt = [] if parts[i + 1].isdigit() else {}
             node[part] = nxt
@@ -224,7 +241,11 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
         node = nxt
     last = parts[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        index = checked_index(len(parts) - 1)
+        if index == len(node):
+            node.append(value)  # one past the end adds an entry
+        else:
+            node[index] = value
     else:
         node[last] = value
 

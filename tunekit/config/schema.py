@@ -378,6 +378,10 @@ class Recipe(Section):
     def _sections_of_this_stage(self) -> Recipe:
         for name in sorted(self.foreign_sections() & self.model_fields_set):
             raise ValueError(foreign_section_message(name, self.stage))
+        if self.stage not in ("sft", "cai"):  # sft-only data options: set here they would do nothing
+            for key in sorted({"packing", "train_on"} & self.data.model_fields_set):
+                if getattr(self.data, key) != DataConfig.model_fields[key].default:
+                    raise ValueError(f"data.{key}: no effect with stage {self.stage} (sft only); remove it")
         if self.stage == "rm" and self.adapter.method in REWARD_MODEL_REFUSALS:
             raise ValueError(f"adapter.method={self.adapter.method} cannot train a reward model: "
                              f"{REWARD_MODEL_REFUSALS[self.adapter.method]}")

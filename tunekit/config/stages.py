@@ -71,6 +71,9 @@ class DPOConfig(Section):
         n = 1 if isinstance(self.loss_type, str) else len(self.loss_type)
         if self.loss_weights is not None and len(self.loss_weights) != n:
             raise ValueError(f"dpo.loss_weights has {len(self.loss_weights)} weights for {n} loss types")
+        if self.loss_weights is not None and (any(w < 0 for w in self.loss_weights) or not any(self.loss_weights)):
+            raise ValueError(f"dpo.loss_weights {self.loss_weights}: weights must be >= 0 and not all 0 (a negative "
+                             "weight maximises that loss)")
         return self
 
     @property

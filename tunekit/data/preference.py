@@ -106,12 +106,20 @@ def _split_last_answer(msgs: Messages, key: str, where: str) -> tuple[Messages, 
     return msgs[: last + 1], msgs[last + 1 :]
 
 
+MARGIN_LIMIT = 1e4
+
+
 def _margin(rec: dict[str, Any], where: str) -> float | None:
     value = rec.get("margin")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TunekitError(f"{where}: field 'margin' must be a finite number, got {value!r}")
+    # the loss −log σ(Δr − m) is computed in the model's float32/bf16: |m| of 10^38 or more overflows to inf, and
+    # any |m| past a few hundred already saturates σ; MARGIN_LIMIT keeps the loss finite with room to spare
+    if abs(value) > MARGIN_LIMIT:
+        raise TunekitError(f"{where}: field 'margin' = {value!r} is beyond ±{MARGIN_LIMIT:g} (the loss would "
+                           "overflow; margins are reward differences, typically 0 to 10)")
     return float(value)
 
 

@@ -64,13 +64,16 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         from tunekit.evaluation.judge import judge_questions
 
         judge_questions(req.judge_template)
-    if req.rewards:
-        from tunekit.rewards.registry import check_params
+    if req.rewards:  # every name is checked (typo, empty, a user function that does not import) before any work
+        from tunekit.rewards.registry import RewardSet
 
         for name in req.rewards:
             if not name.strip():
                 raise TunekitError("--reward: empty name (e.g. --reward math_answer)")
-            check_params(name, {})
+        try:
+            RewardSet.from_specs([{"name": name} for name in req.rewards])
+        except TunekitError as exc:
+            raise TunekitError(f"--reward: {str(exc).split(': ', 1)[-1]}") from None
     inputs = [req.target, req.data, req.base, req.against, req.judge, req.judge_template]
     outputs = [req.output] + ([judgements_path(req.output)] if req.output is not None and mode == "judge" else [])
     held = [guard.acquire(o, inputs, req.overwrite) for o in outputs if o is not None]
@@ -139,5 +142,7 @@ def check_options(req: EvalRequest) -> None:
         return
     if judge_template:
         raise TunekitError("--judge-template: only with --judge")
+    if reward and no_generate:
+        raise TunekitError("--reward: no effect with --no-generate (rewards score generated answers)")
     if not data:
         raise TunekitError("--data: required (or --tasks NAMES for benchmarks)")

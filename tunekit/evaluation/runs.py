@@ -188,10 +188,10 @@ def prompts_of(records: list[Any]) -> list[Any]:
 def _reward_eval(target, base, records, rewards, max_new_tokens, batch_size, trust_remote_code) -> Measured:
     from tunekit.generation import sample
     from tunekit.models.trained import load_any
-    from tunekit.rewards import RewardSpec, score
+    from tunekit.rewards import RewardSet, score
 
     prompts = prompts_of(records)
-    specs = [RewardSpec(name=name) for name in rewards]  # an unknown name fails here, before the model loads
+    specs = RewardSet.from_specs([{"name": name} for name in rewards])  # checked here, before the model loads
     model, tok = load_any(target, base, trust_remote_code)
     roll = sample(model, tok, [p.prompt for p in prompts], max_new_tokens=max_new_tokens, temperature=0,
                   batch_size=batch_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -191,6 +192,7 @@ def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path) ->
     cuda = device_type() == "cuda"
     mixed = "bf16" if cuda and resolve_dtype(recipe.model) == torch.bfloat16 else "no"
     folder = Path(str(output) + ".launch")
+    made = not folder.exists()  # removed again when the launched run fails: a failed start leaves no debris
     if opts.nodes > 1:  # each machine writes its own machine_rank (a shared filesystem must not mix them)
         folder = folder / f"machine-{opts.machine_rank}"
     cfg_file = write_launch_files(folder, opts, strategy, mixed, recipe.train.gradient_checkpointing)
@@ -205,7 +207,10 @@ def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path) ->
     shown = ["accelerate", "launch", *cmd[3:]]
     console.print(f"launch ({strategy}, {opts.world} process{'es' if opts.world > 1 else ''}): "
                   f"{LAUNCHED_ENV}=1 {shlex.join(shown)}", soft_wrap=True)
-    return subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0 and made and not Path(str(output) + ".partial").exists():
+        shutil.rmtree(Path(str(output) + ".launch"), ignore_errors=True)
+    return code
 
 
 def trainer_overrides() -> dict[str, Any]:

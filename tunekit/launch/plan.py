@@ -17,6 +17,7 @@ Hand-written: no library computes these from a recipe (accelerate's `estimate-me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -159,9 +160,12 @@ def parse_size(text: str | float | int) -> float:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    if unit not in units or not value > 0:  # (`not >` also refuses nan)
         raise TunekitError(f"--gpu-mem '{text}': expected a size such as 24GiB, 80GB or 40")
-    return value * units[unit]
+    size = value * units[unit]
+    if not math.isfinite(size) or size > 1024**5:  # above a PiB per GPU is a typo, not a GPU
+        raise TunekitError(f"--gpu-mem '{text}': not a finite size a GPU can have (at most 1 PiB)")
+    return size
 
 
 # ---------------------------------------------------------------------------------------------- model shape
@@ -445,7 +449,9 @@ def relative_step_time(s: Setup) -> float:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of n in increasing order, in O(sqrt n) (a batch of 10^9 must not take minutes)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def candidates(base: Setup, lora_trainable: int | None) -> list[Setup]:

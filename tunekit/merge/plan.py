@@ -146,6 +146,9 @@ def _slice_groups(cfg: MergeConfig, sources: dict[str, ModelSource]) -> tuple[li
 
     non_layer(slices[0], 0)
     out_layer = 0
+    # every output layer must have the shapes of the first one: a model is one width (a passthrough of models with
+    # different hidden or MLP sizes writes a model nothing can load)
+    layer_shapes: dict[str, tuple[tuple[int, ...], str, int]] = {}
     for si, sl in enumerate(slices):
         models = [s.model for s in sl.sources]
         for src in sl.sources:
@@ -176,6 +179,14 @@ def _slice_groups(cfg: MergeConfig, sources: dict[str, ModelSource]) -> tuple[li
                         )
                     _check_pair(sources[ref], n, sources[s.model], in_name)
                     inputs.append((sources[s.model], in_name))
+                key, shape = _layer_name(n, 0), tuple(sources[ref].info(n).shape)
+                first = layer_shapes.setdefault(key, (shape, ref, si))
+                if first[0] != shape:
+                    raise TunekitError(
+                        f"{cfg.source}: slices[{si}]: tensor '{n}' of model '{ref}' has shape {list(shape)}, but "
+                        f"slices[{first[2]}] (model '{first[1]}') gives it {list(first[0])}: the slices come from "
+                        "models of different sizes (hidden or MLP width), which cannot be stacked into one model"
+                    )
                 groups.append(_Group(_layer_name(n, out_layer), t, inputs, sl, models))
             origin.append((ref, ref_layer))
             out_layer += 1

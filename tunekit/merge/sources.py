@@ -10,7 +10,6 @@ folder or a tunekit run; `check_not_quantized` refuses quantized checkpoints.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
 
 #: hub files a merge needs: safetensors weights only (never pickles), configs and tokenizer files.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 def resolve_hub(name: str) -> Path:
@@ -51,23 +49,22 @@ def resolve_hub(name: str) -> Path:
 
 
 def resolve_model_path(name: str) -> Path:
-    """A local model folder, a tunekit alias (`tunekit.models.load.resolve_model_path`), or a hub id."""
+    """A local model folder, a tunekit alias or a hub id `org/name[@revision]`, through the one resolver every
+    command shares (tunekit.models.resolve: a path is never sent to the hub; an unreachable hub fails at once)."""
+    from tunekit.models.embedded import ALIASES
+    from tunekit.models.resolve import looks_like_path, resolve_model
+
+    name = str(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    from tunekit.models.load import resolve_model_path as resolve_alias
-
-    try:
-        resolved = resolve_alias(str(name))
-    except TunekitError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure to resolve is a user-facing "not found"
-        raise TunekitError(f"model '{name}' not found ({exc})") from None
+    repo, _, revision = (name, "", "") if looks_like_path(name) else name.partition("@")
+    resolved = resolve_model(repo, revision or None)
+    if repo not in ALIASES and not Path(repo).expanduser().exists():  # a hub id: cached or downloadable
+        return resolve_hub(name)
     if isinstance(resolved, Path) and resolved.is_dir():
         return resolved
-    if _HUB_ID.match(str(name)):
-        return resolve_hub(str(name))
-    raise TunekitError(f"model '{name}' not found (not a local folder, alias or hub id org/name)")
+    raise TunekitError(f"model '{name}' is not a model folder (a file?)")
 
 
 def resolve_model(name: str | Path) -> Path:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunekit.config.schema import ModelConfig
 from tunekit.errors import TunekitError
-from tunekit.models.embedded import ALIASES, embedded_path
+from tunekit.models.embedded import ALIASES
 from tunekit.run.locate import Located, locate
 
 if TYPE_CHECKING:
@@ -27,18 +27,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def resolve_model_path(name: str) -> Path | str:
-    """Alias → cached folder; existing path → Path; otherwise the hub id unchanged."""
-    if name in ALIASES:
-        return embedded_path(name)
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise TunekitError(f"model folder '{path}' has no config.json")
-        return path
-    if name.startswith((".", "/", "~")):
-        raise TunekitError(f"model path '{name}' does not exist")
-    return name
+def resolve_model_path(name: str, revision: str | None = None) -> Path | str:
+    """Alias → cached folder; existing path → Path; cached hub id → its snapshot; else the hub id, only when the
+    hub can be asked (tunekit.models.resolve: one resolver for every command)."""
+    from tunekit.models.resolve import resolve_model
+
+    return resolve_model(name, revision)
 
 
 def device_type() -> str:
@@ -130,6 +124,23 @@ def earlier_run(cfg: ModelConfig) -> Located | None:
     return loc if loc is not None and loc.kind != "model" else None
 
 
+def refuse_reward_model_as_policy(cfg: ModelConfig, task: str) -> None:
+    """A run of `tunekit rm` is a scorer (a one-output head), not a language model: chaining a policy stage (dpo,
+    grpo, sft, ...) from it would silently drop its head and train a base that never learned to generate."""
+    if task != "causal_lm":
+        return
+    loc = earlier_run(cfg)
+    if loc is None or loc.run_dir is None:
+        return
+    from tunekit.config.load import read_yaml_file
+
+    recipe = read_yaml_file(loc.run_dir / "recipe.yaml", "run recipe") or {}
+    if isinstance(recipe, dict) and recipe.get("stage") == "rm":
+        raise TunekitError(f"model.name '{cfg.name}' is a reward model (a `tunekit rm` run): it scores text and "
+                           "cannot be trained or used as a policy; start from its base model, and use the run as "
+                           f"a reward: rewards: [{{name: reward_model, path: {cfg.name}}}]")
+
+
 def _base_of(loc: Located, cfg: ModelConfig) -> ModelConfig:
     """The section to load an earlier adapter's base with: its name and revision from the run that trained it,
     every loading option (dtype, attention, trust_remote_code, template) from the current recipe."""
@@ -181,12 +192,21 @@ def load_config(cfg: ModelConfig):
     """The model's transformers config (config.json only; no weights); of the chain's root for a run."""
     from transformers import AutoConfig
 
+    from tunekit.models.sizes import check_config_sizes
+
     cfg = root_model(cfg)
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg.name, cfg.revision)
+    raw = Path(path) / "config.json" if isinstance(path, Path) and Path(path).is_dir() else None
+    if raw is not None and raw.is_file():  # impossible sizes are refused before transformers sees them
+        from tunekit.run.locate import read_json_config
+
+        check_config_sizes(read_json_config(raw), str(raw))
     try:
-        return AutoConfig.from_pretrained(str(path), **_hub_kwargs(cfg))
+        config = AutoConfig.from_pretrained(str(path), **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(cfg.name, exc) from None
+    check_config_sizes(config.to_dict(), f"{cfg.name}/config.json")
+    return config
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -204,7 +224,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
                                   cfg.model_copy(update={"name": str(loc.model_dir)}))
         path: Path | str = saved
     else:
-        path = resolve_model_path(cfg.name)
+        path = resolve_model_path(cfg.name, cfg.revision)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
@@ -259,6 +279,7 @@ def load_model(
     adapter folder is loaded as its base with the adapter folded in (see the module docstring).
 
     task="seq_cls": the same backbone with a one-output score head (a reward model, r(x, y) ∈ R)."""
+    refuse_reward_model_as_policy(cfg, task)
     loc = earlier_run(cfg)
     if loc is None:
         model = _load_plain(cfg, tokenizer, task)
@@ -306,7 +327,8 @@ def _load_folded(
 def _load_plain(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, task: str) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg.name, cfg.revision)
+    load_config(cfg)  # config.json's sizes checked before any weight is allocated
     dtype = resolve_dtype(cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": _attn(cfg), **_hub_kwargs(cfg)}
     qcfg = _quantization_config(cfg, dtype)
@@ -360,6 +382,7 @@ def build_meta_model(cfg: ModelConfig, task: str = "causal_lm") -> PreTrainedMod
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    refuse_reward_model_as_policy(cfg, task)
     config = load_config(cfg)
     auto = AutoModelForCausalLM
     if task == "seq_cls":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -55,6 +57,10 @@ def resolve_source(source: str | Path, workdir: Path) -> tuple[Path, str]:
     if loc is None:  # an alias or hub id
         return _resolve_name(str(source)), "model"
     if loc.model_dir is not None:
+        from tunekit.models.sizes import check_config_sizes
+        from tunekit.run.locate import read_json_config
+
+        check_config_sizes(read_json_config(loc.model_dir / "config.json"), str(loc.model_dir / "config.json"))
         if not _is_model_folder(loc.model_dir):
             raise TunekitError(f"'{loc.model_dir}' has a config.json but no *.safetensors weights")
         return loc.model_dir, loc.kind
@@ -155,6 +161,30 @@ def normalize_type(fmt: str, qtype: str | None) -> str:
     return "W4A16" if qtype == "W4" else qtype
 
 
+def _check_text_inputs(
+    fmt: str, qtype: str, calibration: str | Path | None, eval_text: str | Path | None, verify: bool
+) -> None:
+    """Every text input is checked before the first byte is written: a path that does not exist is an error even
+    where the option has no effect (and that it has none is said, so the user is not misled)."""
+    from tunekit.models.resolve import looks_like_path
+    from tunekit.quantize.gguf_writer import DIRECT_TYPES
+
+    for flag, spec in (("--calibration", calibration), ("--eval-text", eval_text)):
+        if spec is None or str(spec) == "builtin":
+            continue
+        if not str(spec).strip():
+            raise TunekitError(f"{flag}: empty path")
+        path = Path(spec).expanduser()
+        if looks_like_path(str(spec)) and not path.exists():
+            raise TunekitError(f"{flag} '{spec}' not found")
+    unused = fmt == "bnb" or (fmt == "gguf" and qtype in DIRECT_TYPES)
+    if calibration is not None and unused:
+        print(f"note: --calibration has no effect with --format {fmt} --type {qtype} (no calibration step); "
+              "ignored", file=sys.stderr)
+    if eval_text is not None and not verify:
+        print("note: --eval-text has no effect without --verify; ignored", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- main entry
 def quantize(
     source: str | Path,
@@ -186,6 +216,7 @@ def quantize(
     qtype = normalize_type(fmt, qtype)
     if samples < 1:
         raise TunekitError("--samples must be at least 1")
+    _check_text_inputs(fmt, qtype, calibration, eval_text, verify)
     output = check_output(output, overwrite, inputs=[source, calibration, eval_text])
     report: dict[str, Any] = {"format": fmt, "type": qtype, "source": str(source), "output": str(output)}
 
@@ -284,11 +315,16 @@ def _to_gguf(
         texts, origin = _calibration(calibration, folder, samples)
         imatrix = llamacpp.compute_imatrix(folder, texts)
         out["imatrix"] = {"calibration": origin, "texts": len(texts), "entries": len(imatrix)}
-    with atomic_output(output, overwrite, is_dir=False) as tmp:
+    log = work / "llama.log"
+    with atomic_output(output, overwrite, is_dir=False) as tmp, llamacpp.log_to(log):
         llamacpp.llama_quantize(base, tmp, qtype, imatrix=imatrix, embedding_type=embedding_type)
         if check is not None:
             out["template_check"] = check(tmp)
+    kept = output.with_name(output.name + ".llama.log")
+    shutil.move(str(log), kept)
     out["quantizer"] = "llama.cpp llama_model_quantize"
+    out["llama_log"] = str(kept)
+    out["fallbacks"] = llamacpp.fallback_summary(kept.read_text(encoding="utf-8", errors="replace"))
     return out
 
 

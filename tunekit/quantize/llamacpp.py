@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +160,43 @@ def llama_quantize(
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise TunekitError(f"llama.cpp could not quantize '{src}' to {qtype} (return code {rc})")
+
+
+@contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """Send llama.cpp's log (the loader's key/value dump, one line per tensor) to the file `path` instead of the
+    terminal while the block runs; llama-cpp-python's own callback is put back afterwards."""
+    llama_cpp = require_llama_cpp()
+    from llama_cpp import _logger
+
+    with open(path, "a", encoding="utf-8") as f:
+
+        @llama_cpp.llama_log_callback
+        def write(_level: int, text: bytes, _user_data: Any) -> None:
+            f.write(text.decode("utf-8", errors="replace"))
+
+        llama_cpp.llama_log_set(write, ctypes.c_void_p(0))
+        try:
+            yield
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+# llama-quant.cpp's fallback lines: older "tensor cols 64 x 64 are not divisible by 256, required for q4_K - using
+# fallback quantization q5_0"; llama-cpp-python 0.3.36's "ncols 64 not divisible by 256 (required for type q4_K) ->
+# falling back to q5_0". Groups: block width, wanted type, fallback type.
+_FALLBACK = (
+    re.compile(r"not divisible by (\d+), required for (\w+)\s*-\s*using fallback quantization (\w+)"),
+    re.compile(r"not divisible by (\d+) \(required for type\s+(\w+)\)\s*->\s*falling back to\s+(\w+)"),
+)
+
+
+def fallback_summary(log: str) -> list[str]:
+    """One line per (wanted type, fallback type) from llama.cpp's quantize log, e.g. "180 tensors fell back to
+    Q5_0 (wanted Q4_K): row width not a multiple of 256"."""
+    counts = Counter(found for pattern in _FALLBACK for found in pattern.findall(log))
+    return [f"{n} tensor{'s' if n != 1 else ''} fell back to {to.upper()} (wanted {want.upper()}): row width not "
+            f"a multiple of {block}" for (block, want, to), n in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 def load(

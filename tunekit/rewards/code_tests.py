@@ -40,8 +40,27 @@ def code_tests(column: str = "tests", timeout: float = 5.0, memory_mb: int = 102
     if not sys.platform.startswith("linux"):
         raise ValueError("code_tests runs generated code in a Linux sandbox (namespaces, Landlock); not on "
                          f"{sys.platform}")
-    if timeout <= 0:
-        raise ValueError("timeout must be > 0")
+    import math
+
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
+    # a Python interpreter needs ~30 MB of address space before the program's first line: below 64 MB every
+    # program would fail and the sandbox would be blamed
+    for key, value, low in (("memory_mb", memory_mb, 64), ("processes", processes, 1), ("open_files", open_files, 8),
+                            ("file_size_mb", file_size_mb, 1), ("cpu_seconds", cpu_seconds, 1),
+                            ("workers", workers, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{key} must be a whole number >= {low}, got {value!r}")
+    if interpreter is not None:  # checked now, not at the first reward call inside training
+        import subprocess
+
+        from tunekit.rewards.sandbox import _interpreter_read_paths, sandbox_interpreter
+
+        try:
+            _interpreter_read_paths(sandbox_interpreter(interpreter))
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            raise ValueError(f"interpreter '{interpreter}' is not a Python 3 interpreter this sandbox can run") \
+                from None
     limits = SandboxLimits(timeout=float(timeout), cpu_seconds=cpu_seconds, memory_mb=int(memory_mb),
                            file_size_mb=int(file_size_mb), processes=int(processes), open_files=int(open_files))
     state: dict = {}

@@ -3,6 +3,9 @@
 
 With `partial: true` a tag structure earns (k / (n + 1)) for k of its n tags well formed (opened once, closed
 once, in order) without the whole structure matching; the full structure earns 1.0.
+
+With neither `pattern` nor `tags`, the R1 convention `tags: [think, answer]` is used (what users of TRL and
+open-r1 expect), and the run's log says so.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from tunekit.rewards.registry import register_reward
 from tunekit.rewards.text import completion_text
 
 _MODES = ("fullmatch", "search", "match")
+R1_TAGS = ["think", "answer"]
 
 
 def tag_structure(tags: list[str]) -> re.Pattern[str]:
@@ -37,9 +41,16 @@ def tag_score(text: str, tags: list[str], pattern: re.Pattern[str], partial: boo
 @register_reward("format")
 def format_reward(pattern: str | None = None, mode: str = "fullmatch", tags: list[str] | None = None,
                   partial: bool = False, ignore_case: bool = False):
-    """Build the reward from a `pattern` (matched with `mode`, `.` matching newlines) or a list of `tags`."""
-    if (pattern is None) == (tags is None):
-        raise ValueError("give exactly one of `pattern` (a regex) or `tags` (e.g. [think, answer])")
+    """Build the reward from a `pattern` (matched with `mode`, `.` matching newlines) or a list of `tags`
+    (default: the R1 convention [think, answer])."""
+    if pattern is not None and tags is not None:
+        raise ValueError("give one of `pattern` (a regex) or `tags` (e.g. [think, answer]), not both")
+    if pattern is None and tags is None:
+        import sys
+
+        tags = list(R1_TAGS)
+        print("note: reward format: no pattern or tags given; using the R1 convention "
+              "<think>...</think><answer>...</answer> (tags: [think, answer])", file=sys.stderr)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}, not '{mode}'")
     flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)

@@ -25,6 +25,14 @@ def length_reward(min: int | None = None, max: int | None = None, unit: str = "t
     Tokens are counted from TRL's `completion_ids`; `unit: chars` counts characters of the text."""
     if min is None and max is None:
         raise ValueError("give `min`, `max` or both")
+    import math
+
+    for key, value in (("min", min), ("max", max), ("slope", slope), ("floor", floor)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if (min is not None and min < 0) or (max is not None and max < 0):
+        raise ValueError("min and max must be >= 0")
     if min is not None and max is not None and min > max:
         raise ValueError(f"min ({min}) is larger than max ({max})")
     if unit not in ("tokens", "chars"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,8 @@ class RewardSpec(BaseModel):
         description="A built-in reward (math_answer, format, length, code_tests, reward_model) or "
         "`python:package.module:function`."
     )
-    weight: float = Field(1.0, description="Weight of this reward in the sum (GRPOConfig.reward_weights).")
+    weight: float = Field(1.0, allow_inf_nan=False,
+                          description="Weight of this reward in the sum (GRPOConfig.reward_weights).")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -145,6 +147,48 @@ class RewardSpec(BaseModel):
         except TunekitError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+
+def checked_reward(fn: RewardFunc, label: str) -> RewardFunc:
+    """`fn` with its contract enforced on every call, so a broken reward is named instead of failing deep in a
+    trainer as an internal error: it must return a list of one value per completion, each a finite number, or
+    None / NaN ("not applicable", counted as 0 as TRL does). An exception it raises is reported as the user's
+    error with the reward's name (e.g. python:my_rewards:score) and the exception's first line."""
+    import functools
+
+    import numpy as np
+
+    def call(*args: Any, **kwargs: Any) -> list[float | None]:
+        completions = kwargs.get("completions", args[1] if len(args) > 1 else None)
+        try:
+            out = fn(*args, **kwargs)
+        except TunekitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the reward's own failure: one line naming it
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise TunekitError(f"reward '{label}' raised {type(exc).__name__}: {first}") from None
+        if isinstance(out, (str, bytes)) or not isinstance(out, (Sequence, np.ndarray)):
+            raise TunekitError(f"reward '{label}' returned {type(out).__name__}; it must return a list with one "
+                               "number (or None) per completion")
+        if completions is not None and len(out) != len(completions):
+            raise TunekitError(f"reward '{label}' returned {len(out)} values for {len(completions)} completions")
+        for value in out:
+            if value is None:
+                continue
+            try:
+                number = None if isinstance(value, (str, bytes)) else float(value)
+            except (TypeError, ValueError):
+                number = None
+            if number is None:
+                raise TunekitError(f"reward '{label}' returned a {type(value).__name__} ({str(value)[:40]!r}); "
+                                   "rewards must be numbers (or None when not applicable)")
+            if math.isinf(number):
+                raise TunekitError(f"reward '{label}' returned {number}; rewards must be finite (None or NaN "
+                                   "= not applicable)")
+        return list(out)
+
+    functools.update_wrapper(call, fn)
+    return call
 
 
 @dataclass
@@ -187,9 +231,11 @@ class RewardSet:
             except ValidationError as exc:
                 raise TunekitError(f"rewards[{i}]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
             try:
-                funcs.append(get_reward(spec.name, **spec.params))
+                funcs.append(checked_reward(get_reward(spec.name, **spec.params), spec.name))
             except TunekitError as exc:
                 raise TunekitError(f"rewards[{i}]: {exc}") from None
+            if not math.isfinite(spec.weight):
+                raise TunekitError(f"rewards[{i}] ({spec.name}): weight must be a finite number, got {spec.weight}")
             weights.append(spec.weight)
         if not funcs:
             raise TunekitError("no rewards: add `rewards: [{name: math_answer}]` to the recipe")

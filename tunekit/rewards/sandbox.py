@@ -173,7 +173,7 @@ _UIDS = _UidPool()
 
 
 class Sandbox:
-    """Run untrusted Python against tests. `namespaces`/`landlock`/`cgroups` switch kernel layers off (to test
+    """Run untrusted Python against tests. `namespaces`/`landlock`/`cgroups`/`seccomp` switch kernel layers off (to test
     the fallbacks); `workers` bounds how many programs run at once."""
 
     def __init__(
@@ -185,6 +185,7 @@ class Sandbox:
         landlock: bool = True,
         cgroups: bool = True,
         tmp_dir: str | None = None,
+        seccomp: bool = True,
     ) -> None:
         self.limits = limits or SandboxLimits()
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -193,6 +194,7 @@ class Sandbox:
         self.namespaces = namespaces
         self.landlock = landlock
         self.cgroups = cgroups
+        self.seccomp = seccomp
         self.tmp_dir = tmp_dir
         self._runner_source = RUNNER.read_text()
 
@@ -242,6 +244,7 @@ class Sandbox:
             "namespaces": self.namespaces,
             "landlock": self.landlock,
             "cgroups": self.cgroups,
+            "seccomp": self.seccomp,
             "env": env,
         }
         result = _parse(_supervise(job, self.limits.timeout + 15.0, uid if is_root else None), nonce)

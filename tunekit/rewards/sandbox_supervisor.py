@@ -14,6 +14,10 @@ Layers (each one is reported in the result's `layers`; docs/rewards.md says what
 - Landlock (kernel >= 5.13): file access only to the interpreter, its standard library and system library
   directories (read/execute) and the working directory (read/write); TCP bind/connect denied (ABI >= 4); signals
   and abstract unix sockets scoped to the sandbox (ABI >= 6).
+- seccomp (x86_64, aarch64): a filter that makes socket(AF_UNIX, ...) fail with EACCES and io_uring_setup with
+  ENOSYS, so the program cannot connect to a UNIX socket on the host's file system (Landlock does not govern
+  connect() on a socket file, and world-writable sockets of other services exist); a program of another
+  architecture (a 32-bit binary) gets ENOSYS for every system call.
 - process group: the program is a session leader; on the wall-clock deadline its whole group is SIGKILLed.
 """
 
@@ -47,6 +51,53 @@ FS_ALL_V1 = (1 << 13) - 1
 FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
+
+# seccomp (include/uapi/linux/seccomp.h, filter.h, audit.h): a classic-BPF filter over struct seccomp_data
+# {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_AND_K, BPF_RET_K = 0x20, 0x15, 0x54, 0x06
+X32_SYSCALL_BIT = 0x40000000
+AF_UNIX = 1
+SYS_IO_URING_SETUP = 425  # the same number on x86_64 and aarch64
+# machine -> (AUDIT_ARCH_*, socket's syscall number)
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_supported() -> bool:
+    return sys.platform.startswith("linux") and os.uname().machine in SECCOMP_ARCHES
+
+
+def _deny_unix_sockets() -> None:
+    """Install the seccomp filter described in the module docstring on this process (inherited across exec).
+    Needs no_new_privs (set before)."""
+    arch, sys_socket = SECCOMP_ARCHES[os.uname().machine]
+    program = [
+        (BPF_LD_W_ABS, 0, 0, 4),  # 0: arch
+        (BPF_JEQ_K, 0, 8, arch),  # 1: another architecture -> 10
+        (BPF_LD_W_ABS, 0, 0, 0),  # 2: nr
+        (BPF_AND_K, 0, 0, ~X32_SYSCALL_BIT & 0xFFFFFFFF),  # 3: x32 calls are the same calls
+        (BPF_JEQ_K, 3, 0, SYS_IO_URING_SETUP),  # 4: io_uring (it can open sockets itself) -> 8
+        (BPF_JEQ_K, 0, 3, sys_socket),  # 5: not socket() -> 9
+        (BPF_LD_W_ABS, 0, 0, 16),  # 6: args[0] (domain), low 32 bits (little-endian)
+        (BPF_JEQ_K, 0, 1, AF_UNIX),  # 7: AF_UNIX -> 8, else -> 9
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),  # 8
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),  # 9
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),  # 10
+    ]
+    filters = (_SockFilter * len(program))(*[_SockFilter(*ins) for ins in program])
+    prog = _SockFprog(len(program), filters)
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
 
 # Bytes of the program's stdout/stderr kept: the head and the tail (where the runner's verdict is); the middle
 # is read and dropped, so a program printing without end costs no memory.
@@ -147,6 +198,9 @@ def _child(job: dict, ruleset_fd: int, stdout_w: int, stdin_r: int) -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if job.get("seccomp", True) and seccomp_supported():
+            step = "seccomp"
+            _deny_unix_sockets()
         if keep >= 0:
             step = "landlock"
             if _libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(keep), ctypes.c_uint32(0)) != 0:
@@ -318,6 +372,8 @@ def main() -> None:
     if cgroups:
         layers.append(f"cgroup:{cgroup_version}")
     layers.append("rlimits")
+    if job.get("seccomp", True) and seccomp_supported():
+        layers.append("seccomp:no-unix-sockets")
     ruleset_fd = -1
     abi = _landlock_abi() if job.get("landlock", True) else 0
     if abi:

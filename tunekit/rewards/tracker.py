@@ -51,7 +51,7 @@ class RewardTracker:
         if "completions/mean_length" not in logs:
             return []
         means = {k[len("rewards/"):-len("/mean")]: float(v) for k, v in logs.items()
-                 if k.startswith("rewards/") and k.endswith("/mean")}
+                 if k.startswith("rewards/") and k.endswith("/mean") and v is not None}  # None: not applicable
         cut = logs.get("completions/clipped_ratio")
         return self._step(float(logs["completions/mean_length"]), None if cut is None else float(cut), means,
                           weights, step)

@@ -31,6 +31,26 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
         self._tokens0 = getattr(self.collator, "real_tokens", 0)
+        if state.is_world_process_zero:
+            self._drop_rows_after(state.global_step)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """On --resume from checkpoint-N, rows logged after step N by the interrupted run (and its end-of-training
+        summary row) are logged again by this one: keep only what the checkpoint had seen, so no step appears
+        twice."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a killed run
+            if isinstance(row, dict) and row.get("step", 0) <= step and "train_runtime" not in row:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:

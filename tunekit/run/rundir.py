@@ -43,7 +43,10 @@ class RunDir:
     ) -> RunDir:
         """Check and lock the output before any work; nothing is created until `create()` (after data and model
         load)."""
-        final = Path(output)
+        if not str(output).strip() or Path(output).name in ("", ".", ".."):
+            raise TunekitError(f"output '{output}': a run directory needs a name of its own (e.g. -o runs/my-run), "
+                               "not the current, parent or root folder")
+        final = Path(output).expanduser()
         work = partial_path(final)
         if not ranks.is_main():  # rank 0 checks and writes; the others follow it
             return cls(final, work, resume)
@@ -74,8 +77,11 @@ class RunDir:
         """Make the `.partial` folder (a fresh one unless resuming). A `.partial` without a checkpoint is what a
         dead run left (we hold the lock): it is discarded; --overwrite discards an interrupted one too. Rank 0
         makes it; the other ranks wait for it."""
+        from tunekit.quiet import library_log_to
+
         if self.resuming:
             set_log_dir(self.path)
+            library_log_to(self.path / "library.log")
         elif ranks.is_main():
             if self.path.exists() or self.path.is_symlink():
                 print(f"note: discarding the unfinished run at '{self.path}'", file=sys.stderr)
@@ -83,6 +89,7 @@ class RunDir:
             self._made = guard.make_parents(self.path)
             self.path.mkdir()
             set_log_dir(self.path)
+            library_log_to(self.path / "library.log")  # libraries' warnings, kept off the terminal
         ranks.barrier()
 
     @property
@@ -124,6 +131,9 @@ class RunDir:
             self.release()
 
     def release(self) -> None:
+        from tunekit.quiet import library_log_to
+
+        library_log_to(None)
         if self.lock is not None:
             self.lock.release()
             self.lock = None

@@ -55,7 +55,12 @@ class CaiRun:
         if path.exists():
             if not (path / STATE).is_file():
                 raise TunekitError(f"output '{path}' exists and is not a tunekit cai run (no {STATE})")
-            self.state = json.loads((path / STATE).read_text())
+            from tunekit.errors import reading
+
+            with reading(path / STATE):
+                self.state = json.loads((path / STATE).read_text(encoding="utf-8"))
+            if not isinstance(self.state, dict) or not isinstance(self.state.get("phases"), dict):
+                raise TunekitError(f"{path / STATE}: not a cai state file (expected {{\"phases\": {{...}}}})")
 
     def status(self, phase: str) -> str | None:
         return self.state["phases"].get(phase, {}).get("status")
@@ -160,8 +165,53 @@ def run_cai(recipe: Recipe, phase: str = "all", overwrite: bool = False, resume:
     constitution = load_constitution(recipe.cai.constitution)
     prompts = load_prompts(recipe.cai.prompts, recipe.cai.max_prompts)
     eval_prompts = _eval_prompts(recipe)
-    sft_recipe(recipe, out)
-    dpo_recipe(recipe, out)
+    for sub, name in ((sft_recipe(recipe, out), "sft"), (dpo_recipe(recipe, out), "dpo")):
+        if Path(sub.output or "") != out / name:
+            raise TunekitError(f"cai.{name}_overrides: output cannot be set (the {name} phase writes {out / name})")
+    _check_models(recipe)
+    # The shared output guard: never inside an input, writable, one writer at a time; --resume only with the
+    # recipe the run was started with.
+    from tunekit.run import guard
+
+    guard.check_overlap(out, _inputs(recipe))
+    guard.check_writable(out)
+    held = guard.lock(out)
+    try:
+        if resume and (out / "recipe.yaml").is_file():
+            from types import SimpleNamespace
+
+            from tunekit.run.rundir import check_resume
+
+            check_resume(recipe, SimpleNamespace(path=out))
+        return _run_phases(recipe, out, phase, overwrite, resume, constitution, prompts, eval_prompts)
+    finally:
+        held.release()
+
+
+def _inputs(recipe: Recipe) -> list[Any]:
+    """Files and folders a cai run reads: the recipe's model and data, the constitution, prompts and judges."""
+    from tunekit.stages.common import recipe_inputs
+
+    cfg = recipe.cai
+    return [*recipe_inputs(recipe), cfg.constitution, cfg.prompts, cfg.critic_model, cfg.feedback_model,
+            cfg.eval_prompts if cfg.eval_prompts != "heldout" else None]
+
+
+def _check_models(recipe: Recipe) -> None:
+    """The critic and feedback models must exist before the first phase (not after two phases of work)."""
+    from tunekit.models.resolve import resolve_model
+
+    for key in ("critic_model", "feedback_model"):
+        name = getattr(recipe.cai, key)
+        if name:
+            try:
+                resolve_model(str(name), need_config=False)
+            except TunekitError as exc:
+                raise TunekitError(f"cai.{key}: {exc}") from None
+
+
+def _run_phases(recipe: Recipe, out: Path, phase: str, overwrite: bool, resume: bool, constitution: Constitution,
+                prompts: list[Prompt], eval_prompts: list[Prompt] | None) -> Path:
     run = CaiRun(out)
     wanted = [p for p in PHASES if p != "eval" or eval_prompts is not None] if phase == "all" else [phase]
     if phase == "eval" and eval_prompts is None:

@@ -24,12 +24,31 @@ from tunekit.stages.runner import Context, Stage, StageData, run_stage
 
 def _prompt_rows(split: Any) -> tuple[list, list, dict[str, Any], str]:
     """Rows {prompt, every column any record has (None where a record lacks it)}, for the rewards."""
+    import json
+
     columns = sorted({k for rec in split.train + split.eval for k in rec.columns})
 
+    def kind(value: Any) -> str:
+        if isinstance(value, bool):
+            return "bool"
+        return "number" if isinstance(value, int | float) else type(value).__name__
+
+    # A column mixing kinds (numbers and strings, a list among strings) is valid JSON Lines but not one Arrow
+    # column: its values go to the rewards as text (json for lists and mappings), and the summary says so.
+    as_text = sorted(c for c in columns if len({kind(r.columns[c]) for r in split.train + split.eval
+                                                 if r.columns.get(c) is not None}) > 1)
+
+    def cell(c: str, value: Any) -> Any:
+        if c not in as_text or value is None or isinstance(value, str):
+            return value
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else str(value)
+
     def rows(records: list[Any]) -> list[dict[str, Any]]:
-        return [{"prompt": r.prompt, **{c: r.columns.get(c) for c in columns}} for r in records]
+        return [{"prompt": r.prompt, **{c: cell(c, r.columns.get(c)) for c in columns}} for r in records]
 
     note = f"; columns for the rewards: {', '.join(columns)}" if columns else ""
+    if as_text:
+        note += f" ({', '.join(as_text)}: mixed numbers/strings/lists, passed to the rewards as text)"
     return rows(split.train), rows(split.eval), {"columns": columns}, note
 
 

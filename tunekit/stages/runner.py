@@ -111,6 +111,8 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         # 2. Data first: a bad record fails in seconds, before the model loads. Nothing is written until 3 is done.
         tok = stage.load_tokenizer(recipe)
         data = stage.load_data(recipe, tok)
+        if resume:
+            _check_same_data(run, data.fingerprint)
         console.print(data.summary)
         # 3. Model and adapter, after the memory plan's estimate for this GPU (none on CPU).
         _print_memory_estimate(recipe, stage.name)
@@ -177,6 +179,24 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
     return StageResult(final, model, tok, metrics)
+
+
+def _check_same_data(run: RunDir, fingerprint: str) -> None:
+    """--resume continues the same run: the same recipe (check_resume) and the same data. A data file replaced
+    under the same name changes the fingerprint of the records read; the interrupted run's card holds the old one."""
+    import json
+
+    from tunekit.errors import TunekitError
+
+    card = run.path / "run_card.json"
+    try:
+        before = json.loads(card.read_text(encoding="utf-8")).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return  # no card yet (killed before it was written): nothing to compare with
+    if before and fingerprint and before != fingerprint:
+        raise TunekitError(f"--resume: the training data changed since the interrupted run at '{run.path}' (data "
+                           f"fingerprint {before[:12]} -> {fingerprint[:12]}): restore the data, or start over "
+                           "with --overwrite")
 
 
 def _print_memory_estimate(recipe: Recipe, stage: str) -> None:
