@@ -66,7 +66,6 @@ class TransformersBackend(Backend):
     `TextIteratorStreamer` (generation runs in a worker thread; the main thread prints pieces as they come)."""
 
     def __init__(self, target: str, base: str | None = None, trust_remote_code: bool = False) -> None:
-        import torch
 
         from tunekit.chat.serving import stop_ids
         from tunekit.models.trained import load_any
@@ -76,8 +75,7 @@ class TransformersBackend(Backend):
         self.model.eval()
         self.stop_ids = stop_ids(self.tok, getattr(self.model, "generation_config", None))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.stop_ids[0]
-        self.device = next(self.model.parameters()).device
-        torch.set_grad_enabled(False)
+        self.device = next(self.model.parameters()).device  # generate() runs under no_grad itself
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         from tunekit.data.templates import render

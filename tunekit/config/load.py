@@ -152,16 +152,17 @@ def suggest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    """Fill `lines` with dotted key (`a.b.0.c`) → line number of a composed YAML node."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             dotted = f"{prefix}{key_node.value}"
             lines[dotted] = key_node.start_mark.line + 1
-            _compose_lines(value_node, dotted + ".", lines)
+            key_lines(value_node, dotted + ".", lines)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[f"{prefix}{i}"] = item.start_mark.line + 1
-            _compose_lines(item, f"{prefix}{i}.", lines)
+            key_lines(item, f"{prefix}{i}.", lines)
 
 
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -181,7 +182,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise TunekitError(f"{path}: a recipe must be a mapping of sections (model, data, adapter, train, ...)")
     lines: dict[str, int] = {}
     if node is not None:
-        _compose_lines(node, "", lines)
+        key_lines(node, "", lines)
     return data, lines
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+from tunekit.config.load import key_lines
 from tunekit.config.schema import Stage
 from tunekit.errors import TunekitError
 
@@ -97,20 +98,6 @@ def stage_refs(value: Any) -> list[str]:
     return []
 
 
-def _lines(node: Any, prefix: str, out: dict[str, int]) -> None:
-    import yaml
-
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            dotted = f"{prefix}{k.value}"
-            out[dotted] = k.start_mark.line + 1
-            _lines(v, dotted + ".", out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[f"{prefix}{i}"] = item.start_mark.line + 1
-            _lines(item, f"{prefix}{i}.", out)
-
-
 def read_pipeline(path: str | Path, output: str | Path | None = None) -> PipelineSpec:
     """Parse and check the pipeline file's shape (not yet each stage's recipe: see resolve.py)."""
     import difflib
@@ -131,7 +118,7 @@ def read_pipeline(path: str | Path, output: str | Path | None = None) -> Pipelin
         raise yaml_error(path, exc) from None
     lines: dict[str, int] = {}
     if node is not None:
-        _lines(node, "", lines)
+        key_lines(node, "", lines)
     if not isinstance(data, dict):
         raise TunekitError(f"{path}: a pipeline is a mapping with `output`, `defaults` and `stages`")
     for key in data:
