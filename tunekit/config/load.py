@@ -165,24 +165,30 @@ def key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
             key_lines(item, f"{prefix}{i}.", lines)
 
 
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Parse a YAML mapping; also return dotted key → line number."""
-    path = Path(path)
+def yaml_with_lines(path: Path, what: str) -> tuple[Any, dict[str, int]]:
+    """A YAML file's data and its dotted key → line number; `what` names the file in errors ("recipe")."""
     if not path.is_file():
-        raise TunekitError(f"recipe '{path}' not found")
+        raise TunekitError(f"{what} '{path}' not found")
     with reading(path):
         text = path.read_text(encoding="utf-8")
     try:
         data, node = safe_yaml(text)
     except yaml.YAMLError as exc:
         raise yaml_error(path, exc) from None
+    lines: dict[str, int] = {}
+    if node is not None:
+        key_lines(node, "", lines)
+    return data, lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML mapping; also return dotted key → line number."""
+    path = Path(path)
+    data, lines = yaml_with_lines(path, "recipe")
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise TunekitError(f"{path}: a recipe must be a mapping of sections (model, data, adapter, train, ...)")
-    lines: dict[str, int] = {}
-    if node is not None:
-        key_lines(node, "", lines)
     return data, lines
 
 

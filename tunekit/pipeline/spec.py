@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-from tunekit.config.load import key_lines
 from tunekit.config.schema import Stage
 from tunekit.errors import TunekitError
 
@@ -102,23 +101,10 @@ def read_pipeline(path: str | Path, output: str | Path | None = None) -> Pipelin
     """Parse and check the pipeline file's shape (not yet each stage's recipe: see resolve.py)."""
     import difflib
 
-    import yaml
-
-    from tunekit.config.load import safe_yaml, yaml_error
-    from tunekit.errors import reading
+    from tunekit.config.load import yaml_with_lines
 
     path = Path(path)
-    if not path.is_file():
-        raise TunekitError(f"pipeline '{path}' not found")
-    with reading(path):
-        text = path.read_text(encoding="utf-8")
-    try:
-        data, node = safe_yaml(text)
-    except yaml.YAMLError as exc:
-        raise yaml_error(path, exc) from None
-    lines: dict[str, int] = {}
-    if node is not None:
-        key_lines(node, "", lines)
+    data, lines = yaml_with_lines(path, "pipeline")
     if not isinstance(data, dict):
         raise TunekitError(f"{path}: a pipeline is a mapping with `output`, `defaults` and `stages`")
     for key in data:
