@@ -1,8 +1,12 @@
-"""tunekit dpo / grpo vs plain TRL scripts (bench/plain_trl_align.py): same model, data, LoRA, steps, batch;
-side by side in one run, each path in its own process. Reports seconds per optimizer step over the training
-loop (on_train_begin → on_train_end in both) and the process's peak RSS (os.wait4).
+"""tunekit's alignment stages vs plain TRL scripts of the same method (bench/plain_trl_align.py): same model,
+data, LoRA, steps, batch, side by side in one run, each path in its own process. Reports seconds per optimizer step
+over the training loop (on_train_begin → on_train_end in both) and the process's peak RSS (os.wait4).
 
-    .venv/bin/python bench/align_throughput.py [--stages dpo grpo] [--steps 8] [--batch 4]
+Methods: dpo, kto, orpo, simpo, cpo (preference pairs; kto takes each pair as two records, so it gets 2 x batch
+records), grpo, rloo (math prompts, `--generations` x `--completion-length` tokens), distill (the model distilled
+into a copy of itself, fully on-policy, so the teacher costs the same in both paths).
+
+    .venv/bin/python bench/align_throughput.py [--stages dpo grpo kto orpo simpo cpo rloo distill] [--steps 8]
 """
 
 from __future__ import annotations
@@ -19,22 +23,35 @@ sys.path.insert(0, str(ROOT))
 
 from sft_throughput import run_measured  # noqa: E402
 
-DATA = {"dpo": ROOT / "tunekit/assets/align/pref_train.jsonl", "grpo": ROOT / "tunekit/assets/align/math_train.jsonl"}
+ALIGN = ROOT / "tunekit/assets/align"
+PAIRS, MATH, DEMO = ALIGN / "pref_train.jsonl", ALIGN / "math_train.jsonl", ROOT / "tunekit/assets/demo/train.jsonl"
+DATA = {"dpo": PAIRS, "kto": PAIRS, "orpo": PAIRS, "simpo": PAIRS, "cpo": PAIRS, "grpo": MATH, "rloo": MATH,
+        "distill": DEMO}
+COMMAND = {"cpo": "simpo"}  # cpo is `tunekit simpo` with simpo.variant=cpo
 
 
-def tunekit_path(stage: str, args, out: Path) -> dict:
-    sets = [f"model.name={args.model}", f"data.train={DATA[stage]}", "data.eval_split=0",
+def method_sets(method: str, args) -> list[str]:
+    """The method's own --set keys, matching the plain script's settings."""
+    sampled = [f"{method}.max_completion_length={args.completion_length}"]
+    if method in ("grpo", "rloo"):
+        return sampled + [f"{method}.num_generations={args.generations}", f"{method}.beta=0",
+                          f"{method}.log_completions_steps=0", "rewards=[{name: math_answer}]"]
+    if method == "distill":
+        return sampled + [f"distill.teacher={args.model}", "distill.lambda=1", "distill.beta=0.5"]
+    return ["simpo.variant=cpo"] if method == "cpo" else []
+
+
+def tunekit_path(method: str, args, out: Path) -> dict:
+    batch = 2 * args.batch if method == "kto" else args.batch
+    sets = [f"model.name={args.model}", f"data.train={DATA[method]}", "data.eval_split=0",
             f"data.max_length={args.max_length}", f"adapter.r={args.r}", "adapter.dropout=0",
-            f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", "train.save_steps=0",
-            "train.lr=5e-5", "train.logging_steps=1", "generate.samples=0", "train.seed=0", "train.warmup_ratio=0"]
-    if stage == "grpo":
-        sets += [f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.completion_length}",
-                 "grpo.log_completions_steps=0", "rewards=[{name: math_answer}]"]
-    cmd = [sys.executable, "-m", "tunekit", stage, "--output", str(out), "--overwrite"]
-    cmd += [a for s in sets for a in ("--set", s)]
-    code, peak, _ = run_measured(cmd)
+            f"train.max_steps={args.steps}", f"train.batch_size={batch}", "train.save_steps=0",
+            "train.lr=5e-5", "train.logging_steps=1", "generate.samples=0", "train.seed=0", "train.warmup_ratio=0",
+            *method_sets(method, args)]
+    cmd = [sys.executable, "-m", "tunekit", COMMAND.get(method, method), "--output", str(out), "--overwrite"]
+    code, peak, _ = run_measured(cmd + [a for s in sets for a in ("--set", s)])
     if code != 0:
-        raise SystemExit(f"tunekit {stage} failed ({code})")
+        raise SystemExit(f"tunekit {method} failed ({code})")
     card = json.loads((out / "run_card.json").read_text())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     lengths = [r["completions/mean_length"] for r in rows if "completions/mean_length" in r and "eval_loss" not in r]
@@ -42,14 +59,15 @@ def tunekit_path(stage: str, args, out: Path) -> dict:
             "completion_length": sum(lengths) / len(lengths) if lengths else None}
 
 
-def trl_path(stage: str, args, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_align.py"), stage, "--model", args.model, "--data",
-           str(DATA[stage]), "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--r",
+def trl_path(method: str, args, out: Path) -> dict:
+    batch = 2 * args.batch if method == "kto" else args.batch
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_align.py"), method, "--model", args.model, "--data",
+           str(DATA[method]), "--out", str(out), "--steps", str(args.steps), "--batch", str(batch), "--r",
            str(args.r), "--max-length", str(args.max_length), "--generations", str(args.generations),
            "--completion-length", str(args.completion_length)]
     code, peak, stdout = run_measured(cmd)
     if code != 0:
-        raise SystemExit(f"plain TRL {stage} failed ({code})")
+        raise SystemExit(f"plain TRL {method} failed ({code})")
     res = json.loads(stdout.strip().splitlines()[-1])
     res["peak_rss_mib"] = peak
     return res
@@ -57,7 +75,7 @@ def trl_path(stage: str, args, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stages", nargs="+", default=["dpo", "grpo"])
+    ap.add_argument("--stages", nargs="+", default=["dpo", "grpo"], choices=list(DATA))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
@@ -81,7 +99,7 @@ def main() -> None:
                 length = "—" if r.get("completion_length") is None else f"{r['completion_length']:.1f}"
                 print(f"| {stage} | {name} | {r['s_per_step']:.2f} | {length} | {r['peak_rss_mib']:.0f} |", flush=True)
             a, b = rows["tunekit"], rows["plain TRL"]
-            ratio = "—" if a.get("completion_length") is None else \
+            ratio = "—" if not (a.get("completion_length") and b.get("completion_length")) else \
                 f"{a['completion_length'] / b['completion_length']:.3f}"
             print(f"| {stage} | tunekit / plain | {a['s_per_step'] / b['s_per_step']:.3f} | {ratio} | "
                   f"{a['peak_rss_mib'] / b['peak_rss_mib']:.3f} |", flush=True)

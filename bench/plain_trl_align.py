@@ -1,7 +1,14 @@
-"""The plain-library baseline for bench/align_throughput.py: TRL 1.16 DPOTrainer / GRPOTrainer + PEFT LoRA,
-written as a user would without tunekit. Prints one JSON line: {"seconds": training-loop wall time, "steps"}.
+"""The plain-library baseline for bench/align_throughput.py: TRL 1.16's trainer of each method + PEFT LoRA, written
+as a user would without tunekit, with tunekit's recipe defaults for the method's own keys:
 
-    python bench/plain_trl_align.py dpo|grpo --model FOLDER --data FILE --steps N --batch B [--r 8]
+- dpo: DPOTrainer (β 0.1); grpo / rloo: GRPOTrainer / RLOOTrainer (β 0, the last number of the answer as reward);
+- kto: KTOTrainer (β 0.1) on the pairs split into desirable / undesirable records (trl.data_utils);
+- orpo, simpo, cpo: trl.experimental's ORPOTrainer (λ 0.1) and CPOTrainer (simpo: β 2.0, γ 1.0; cpo: β 0.1, α 1.0);
+- distill: DistillationTrainer (on-policy, β 0.5), the model distilled into a copy of itself.
+
+Prints one JSON line: {"seconds": training-loop wall time, "steps", "completion_length"}.
+
+    python bench/plain_trl_align.py METHOD --model FOLDER --data FILE --out DIR --steps N --batch B [--r 8]
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import time
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+
+METHODS = ("dpo", "grpo", "kto", "orpo", "simpo", "cpo", "rloo", "distill")
 
 
 class LoopTimer(TrainerCallback):
@@ -35,9 +43,71 @@ def last_number_reward(completions, answer, **kwargs):
     return out
 
 
+def as_pairs(data):
+    return data.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]})
+
+
+def as_prompts(data, column: str):
+    return data.map(lambda r: {"prompt": [{"role": "user", "content": r[column]}]})
+
+
+def trainer_for(method: str, args, model, tok, timer: LoopTimer):
+    """The TRL trainer a user would write for METHOD."""
+    data = load_dataset("json", data_files=args.data, split="train")
+    common = dict(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch,
+                  learning_rate=5e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                  gradient_checkpointing=False, use_cpu=True, seed=0)
+    sampled = dict(max_completion_length=args.completion_length, temperature=1.0)
+    peft = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    kw = dict(model=model, processing_class=tok, peft_config=peft, callbacks=[timer])
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer(args=DPOConfig(**common, beta=0.1, max_length=args.max_length),
+                          train_dataset=as_pairs(data), **kw)
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+        from trl.data_utils import unpair_preference_dataset
+
+        keep = [c for c in data.column_names if c not in ("prompt", "chosen", "rejected")]
+        records = unpair_preference_dataset(as_pairs(data).remove_columns(keep)).shuffle(seed=0)
+        return KTOTrainer(args=KTOConfig(**common, beta=0.1, max_length=args.max_length), train_dataset=records,
+                          **kw)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(args=ORPOConfig(**common, beta=0.1, max_length=args.max_length),
+                           train_dataset=as_pairs(data), **kw)
+    if method in ("simpo", "cpo"):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        loss = (dict(loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0) if method == "simpo"
+                else dict(loss_type="sigmoid", beta=0.1, cpo_alpha=1.0))
+        return CPOTrainer(args=CPOConfig(**common, **loss, max_length=args.max_length),
+                          train_dataset=as_pairs(data), **kw)
+    if method == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        return GRPOTrainer(reward_funcs=[last_number_reward], train_dataset=as_prompts(data, "prompt"),
+                           args=GRPOConfig(**common, **sampled, num_generations=args.generations, beta=0.0), **kw)
+    if method == "rloo":
+        from trl import RLOOConfig, RLOOTrainer
+
+        return RLOOTrainer(reward_funcs=[last_number_reward], train_dataset=as_prompts(data, "prompt"),
+                           args=RLOOConfig(**common, **sampled, num_generations=args.generations, beta=0.0), **kw)
+    from trl import DistillationConfig, DistillationTrainer
+
+    teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
+    return DistillationTrainer(teacher_model=teacher, train_dataset=as_prompts(data, "instruction"),
+                               args=DistillationConfig(**common, **sampled, beta=0.5), **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["dpo", "grpo"])
+    ap.add_argument("method", choices=METHODS)
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
@@ -49,27 +119,11 @@ def main() -> None:
     ap.add_argument("--completion-length", type=int, default=32)
     args = ap.parse_args()
 
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model, **({"padding_side": "left"} if args.method in
+                                                       ("grpo", "rloo", "distill") else {}))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
-    data = load_dataset("json", data_files=args.data, split="train")
-    common = dict(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                  learning_rate=5e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                  gradient_checkpointing=False, use_cpu=True, seed=0)
-    peft = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
     timer = LoopTimer()
-    if args.stage == "dpo":
-        data = data.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
-                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]})
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1, max_length=args.max_length),
-                             train_dataset=data, processing_class=tok, peft_config=peft, callbacks=[timer])
-    else:
-        data = data.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}]})
-        cfg = GRPOConfig(**common, num_generations=args.generations, max_completion_length=args.completion_length,
-                         temperature=1.0, beta=0.0)
-        trainer = GRPOTrainer(model=model, reward_funcs=[last_number_reward], args=cfg, train_dataset=data,
-                              processing_class=tok, peft_config=peft, callbacks=[timer])
+    trainer = trainer_for(args.method, args, model, tok, timer)
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step,
