@@ -7,6 +7,7 @@ records), grpo, rloo (math prompts, `--generations` x `--completion-length` toke
 into a copy of itself, fully on-policy, so the teacher costs the same in both paths).
 
     .venv/bin/python bench/align_throughput.py [--stages dpo grpo kto orpo simpo cpo rloo distill] [--steps 8]
+                                               [--plain-dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def trl_path(method: str, args, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "plain_trl_align.py"), method, "--model", args.model, "--data",
            str(DATA[method]), "--out", str(out), "--steps", str(args.steps), "--batch", str(batch), "--r",
            str(args.r), "--max-length", str(args.max_length), "--generations", str(args.generations),
-           "--completion-length", str(args.completion_length)]
+           "--completion-length", str(args.completion_length), "--dtype", args.plain_dtype]
     code, peak, stdout = run_measured(cmd)
     if code != 0:
         raise SystemExit(f"plain TRL {method} failed ({code})")
@@ -83,12 +84,15 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--completion-length", type=int, default=32)
+    ap.add_argument("--plain-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights of the plain script (tunekit's auto: bf16 for a frozen bf16 base on a bf16 CPU)")
     args = ap.parse_args()
     if args.model == "smollm2-135m":
         from tunekit.models.load import resolve_model_path
 
         args.model = str(resolve_model_path("smollm2-135m"))
-    print(f"model {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}")
+    print(f"model {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}, "
+          f"plain TRL weights {args.plain_dtype}")
     print("| stage | path | s/step | mean completion tokens | peak RSS MiB |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:

@@ -6,6 +6,9 @@ as a user would without tunekit, with tunekit's recipe defaults for the method's
 - orpo, simpo, cpo: trl.experimental's ORPOTrainer (λ 0.1) and CPOTrainer (simpo: β 2.0, γ 1.0; cpo: β 0.1, α 1.0);
 - distill: DistillationTrainer (on-policy, β 0.5), the model distilled into a copy of itself.
 
+`--dtype bfloat16` loads the weights in bf16 as tunekit's `model.dtype: auto` does for a frozen base on a CPU with
+bf16 units (the LoRA weights stay fp32 in PEFT either way).
+
 Prints one JSON line: {"seconds": training-loop wall time, "steps", "completion_length"}.
 
     python bench/plain_trl_align.py METHOD --model FOLDER --data FILE --out DIR --steps N --batch B [--r 8]
@@ -100,7 +103,7 @@ def trainer_for(method: str, args, model, tok, timer: LoopTimer):
                            args=RLOOConfig(**common, **sampled, num_generations=args.generations, beta=0.0), **kw)
     from trl import DistillationConfig, DistillationTrainer
 
-    teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
+    teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     return DistillationTrainer(teacher_model=teacher, train_dataset=as_prompts(data, "instruction"),
                                args=DistillationConfig(**common, **sampled, beta=0.5), **kw)
 
@@ -117,11 +120,12 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--completion-length", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", help="the weights' dtype (TRL scripts load fp32 by default)")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.model, **({"padding_side": "left"} if args.method in
                                                        ("grpo", "rloo", "distill") else {}))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     timer = LoopTimer()
     trainer = trainer_for(args.method, args, model, tok, timer)
     trainer.train()

@@ -212,3 +212,28 @@ def test_dpo_on_an_sft_run_references_the_folded_model(sft_runs, tmp_path):
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model.eval(), dict(batch))
     assert float(loss) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage_name", ["grpo", "rloo"])
+def test_full_finetune_rl_on_an_sft_run_references_the_folded_model(sft_runs, tmp_path, stage_name):
+    """sft -> grpo/rloo with full fine-tuning and β > 0: the frozen reference is the folded sft result (what the
+    policy starts from), not the sft run's base that TRL would rebuild from config.name_or_path."""
+    from test_preference_stages import _stage_context
+
+    from tunekit.stages.grpo import GRPOStage
+    from tunekit.stages.rloo import RLOOStage
+
+    first, _ = sft_runs
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["instruction"]} for r in QA])
+    recipe = load_recipe(None, [f"model.name={first.path}", f"data.train={prompts}", "adapter.method=none",
+                                f"{stage_name}.beta=0.1", f"{stage_name}.num_generations=2", "train.batch_size=2",
+                                "train.max_steps=1", "rewards=[{name: length, max: 20}]"],
+                         defaults={"stage": stage_name})
+    stage = GRPOStage() if stage_name == "grpo" else RLOOStage()
+    ctx = _stage_context(stage, recipe, tmp_path)
+    trainer = stage.build_trainer(ctx)
+    assert trainer.beta == pytest.approx(0.1) and trainer.ref_model is not None
+    ids = _ids(ctx.tokenizer)
+    folded = load_model(ModelConfig(name=str(first.path)), ctx.tokenizer)
+    assert torch.allclose(_logits(trainer.ref_model, ids), _logits(folded, ids), atol=1e-5)

@@ -8,6 +8,10 @@ s_i = (π(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp(mean_t log ρ_t), clipped the 
 Every `grpo.log_completions_steps` steps the latest prompts, completions and per-reward scores go to
 completions.jsonl in the run directory, so reward hacking can be seen; warnings when the completion length or
 one reward's share of the total runs away.
+
+The reference (β > 0) is the start model, exactly: TRL's frozen copy of the initial adapter ("ref") for the PEFT
+methods; for full fine-tuning, LoRA-XS and SVFT a frozen copy loaded by tunekit (`install_reference`), since TRL
+would rebuild it from `config.name_or_path`, which misses a chained run's folded adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +24,29 @@ from transformers import TrainerCallback
 from tunekit.config.schema import Recipe
 from tunekit.stages import common
 from tunekit.stages.runner import Context, Stage, StageData, run_stage
+
+#: methods whose model TRL sees as a PEFT model (reference: TRL's frozen copy of the initial adapter)
+PEFT_METHODS = ("lora", "dora", "pissa", "milora")
+
+
+def install_reference(trainer: Any, reference: Any, beta: float) -> None:
+    """Give a trainer built with beta=0 (so TRL loads no reference of its own) our frozen `reference` and the
+    real β, prepared as TRL prepares its own (no dropout, fused log-prob head, accelerator placement)."""
+    from trl.models import prepare_deepspeed, prepare_fsdp
+    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+    reference.requires_grad_(False)
+    reference.eval()
+    disable_dropout_in_model(reference)
+    add_fused_lm_head(reference, temperature=trainer.temperature)
+    if trainer.is_deepspeed_enabled:
+        reference = prepare_deepspeed(reference, trainer.accelerator)
+    elif trainer.is_fsdp_enabled:
+        reference = prepare_fsdp(reference, trainer.accelerator)
+    else:
+        reference = trainer.accelerator.prepare_model(reference, evaluation_mode=True)
+    trainer.ref_model = reference
+    trainer.beta = beta
 
 
 def _prompt_rows(split: Any) -> tuple[list, list, dict[str, Any], str]:
@@ -111,6 +138,7 @@ class GRPOStage(PromptStage):
         from tunekit.rewards import RewardTracker
 
         r, g = ctx.recipe, ctx.recipe.grpo
+        own_reference = g.beta > 0 and r.adapter.method not in PEFT_METHODS
         rewards = self.rewards
         funcs, weights = rewards.funcs, rewards.weights
         args = common.training_arguments(
@@ -119,7 +147,7 @@ class GRPOStage(PromptStage):
             max_completion_length=g.max_completion_length,
             temperature=g.temperature,
             top_p=g.top_p,
-            beta=g.beta,
+            beta=0.0 if own_reference else g.beta,
             epsilon=g.epsilon,
             num_iterations=g.num_iterations,
             loss_type=g.loss_type,
@@ -135,6 +163,10 @@ class GRPOStage(PromptStage):
         completions = CompletionsCallback(ctx.run.path / "completions.jsonl", g.log_completions_steps, watch,
                                           dict(zip(rewards.names, weights)))
         trainer = self.trl_trainer(ctx, GRPOTrainer, args, completions, reward_funcs=funcs)
+        if own_reference:
+            from tunekit.models.load import load_model
+
+            install_reference(trainer, load_model(common.base_model_config(r), ctx.tokenizer), g.beta)
         completions.trainer = trainer
         return trainer
 

@@ -22,31 +22,8 @@ from typing import Any
 
 from tunekit.config.schema import Recipe
 from tunekit.stages import common
-from tunekit.stages.grpo import CompletionsCallback, GRPOStage
+from tunekit.stages.grpo import PEFT_METHODS, CompletionsCallback, GRPOStage, install_reference
 from tunekit.stages.runner import Context, run_stage
-
-#: methods whose model TRL sees as a PEFT model (reference: a frozen copy of the initial adapter)
-PEFT_METHODS = ("lora", "dora", "pissa", "milora")
-
-
-def install_reference(trainer: Any, reference: Any, beta: float) -> None:
-    """Give a trainer built with beta=0 (so TRL loads no reference of its own) our frozen `reference` and the
-    real β, prepared as TRL prepares its own (no dropout, fused log-prob head, accelerator placement)."""
-    from trl.models import prepare_deepspeed, prepare_fsdp
-    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
-
-    reference.requires_grad_(False)
-    reference.eval()
-    disable_dropout_in_model(reference)
-    add_fused_lm_head(reference, temperature=trainer.temperature)
-    if trainer.is_deepspeed_enabled:
-        reference = prepare_deepspeed(reference, trainer.accelerator)
-    elif trainer.is_fsdp_enabled:
-        reference = prepare_fsdp(reference, trainer.accelerator)
-    else:
-        reference = trainer.accelerator.prepare_model(reference, evaluation_mode=True)
-    trainer.ref_model = reference
-    trainer.beta = beta
 
 
 class RLOOStage(GRPOStage):
