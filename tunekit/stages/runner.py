@@ -135,6 +135,7 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         checkpoint = run.latest_checkpoint() if resume else None
         if resume:
             console.print(f"resuming from {checkpoint.name}" if checkpoint else "no checkpoint yet: starting over")
+        _no_step_past_the_end(trainer)
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started
@@ -179,6 +180,31 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
     return StageResult(final, model, tok, metrics)
+
+
+def _no_step_past_the_end(trainer: Any) -> None:
+    """Resuming from a checkpoint of the last step (a run killed after its final checkpoint, before it finished),
+    transformers' epoch loop would still train one step (max_steps + 1): it enters the unfinished epoch and checks
+    max_steps only after a step. Here an epoch starts only while steps are left, so such a resume loads the
+    checkpoint and goes straight to the summary, the save and the evaluation. The summary's train_loss is then
+    the mean of the losses the interrupted run logged (the trainer would report 0 for no step)."""
+    run_epoch = getattr(trainer, "_run_epoch", None)  # transformers' Trainer (5.x); PPO has its own loop
+    if run_epoch is None or not hasattr(trainer, "state"):
+        return
+
+    def run_epoch_while_steps_are_left(*args: Any, **kwargs: Any) -> Any:
+        state = trainer.state
+        if 0 < state.max_steps <= state.global_step:
+            if ranks.is_main():
+                console.print(f"nothing left to train: step {state.global_step} of {state.max_steps} is done")
+            losses = [row["loss"] for row in state.log_history if isinstance(row.get("loss"), int | float)]
+            if losses:
+                trainer._total_loss_scalar = sum(losses) / len(losses) * state.global_step
+            trainer.control.should_training_stop = True
+            return None
+        return run_epoch(*args, **kwargs)
+
+    trainer._run_epoch = run_epoch_while_steps_are_left
 
 
 def _check_same_data(run: RunDir, fingerprint: str) -> None:
