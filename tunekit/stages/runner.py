@@ -13,6 +13,8 @@ failure there is a warning.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,13 @@ from tunekit.run.rundir import RunDir
 from tunekit.stages import common
 from tunekit.stages.common import StageData, StageResult
 
-__all__ = ["Context", "Stage", "StageData", "StageResult", "run_stage"]
+__all__ = ["Context", "Stage", "StageData", "StageResult", "check_inputs", "run_stage"]
+
+_INPUTS_ONLY: ContextVar[bool] = ContextVar("tunekit_inputs_only", default=False)
+
+
+class _InputsChecked(Exception):
+    """run_stage stopped after its input checks (inside `check_inputs`)."""
 
 
 @dataclass
@@ -113,6 +121,8 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         data = stage.load_data(recipe, tok)
         if resume:
             _check_same_data(run, data.fingerprint)
+        if _INPUTS_ONLY.get():
+            raise _InputsChecked
         console.print(data.summary)
         # 3. Model and adapter, after the memory plan's estimate for this GPU (none on CPU).
         _print_memory_estimate(recipe, stage.name)
@@ -180,6 +190,22 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
     return StageResult(final, model, tok, metrics)
+
+
+def check_inputs(run: Callable[..., Any], recipe: Recipe, overwrite: bool = False, resume: bool = False) -> None:
+    """Every check a stage's run function (`run_sft`, `run_grpo`, ...) makes before its model loads: the output
+    guard (its lock taken and released again), the recipe and data against an interrupted run's with --resume,
+    the tokenizer and every data record. Nothing is loaded beyond that and nothing is written. The launcher
+    (`--gpus N`) runs it in its own process before it starts any worker, so bad input is one error line, not
+    one per worker followed by the distributed launcher's report."""
+    token = _INPUTS_ONLY.set(True)
+    try:
+        run(recipe, overwrite=overwrite, resume=resume)
+    except _InputsChecked:
+        return
+    finally:
+        _INPUTS_ONLY.reset(token)
+    raise RuntimeError(f"{getattr(run, '__name__', run)} does not go through run_stage: its inputs were not checked")
 
 
 def _no_step_past_the_end(trainer: Any) -> None:
