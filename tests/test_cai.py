@@ -323,3 +323,54 @@ def test_sigkill_mid_critique_resumes_without_duplicates_or_losses(tmp_path, sto
     assert after[: len(before)] == before  # finished prompts were not redone
     state = json.loads((out / "cai_state.json").read_text())["phases"]["critique"]
     assert state["status"] == "done" and state["stats"]["revisions"] == n
+
+
+def _tree(path):
+    import hashlib
+
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_finished_phase_until_its_redo_is_complete(tmp_path, stopping_model_dir):
+    """--overwrite must not delete a finished phase before its redo succeeded: a redo that fails late (bad input
+    met after generating) or is killed leaves the finished files as they were."""
+    n = 16
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", n)
+    out = tmp_path / "run"
+    args = ["cai", "--phase", "critique", "-o", out, "--set", f"model.name={stopping_model_dir}",
+            "--set", f"cai.prompts={prompts}", "--set", "cai.generation_batch_size=2",
+            "--set", "cai.max_new_tokens=24", "--set", "cai.critique_max_new_tokens=16"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    before = _tree(out)
+    # 1. a redo that fails late: with one new token every revision is empty or truncated, found after generating
+    res = run_cli(*args, "--overwrite", "--set", "cai.max_new_tokens=1")
+    assert res.returncode == 2 and "every revision was filtered" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == sorted({k.split("/")[0] for k in before})
+    # 2. a redo killed once it has written part of its new critique.jsonl: the finished files are set aside, not
+    #    deleted, and the next cai command on this output puts them back
+    err = (tmp_path / "stderr.txt").open("w")  # a file, not a pipe: a full pipe would stall the child
+    proc = subprocess.Popen([sys.executable, "-m", "tunekit", *map(str, args), "--overwrite"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    log, aside = out / "critique.jsonl", out / ".before-overwrite"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if aside.is_dir() and log.is_file() and log.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the redo ended before it could be killed: " + (tmp_path / "stderr.txt").read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert log.read_text().count("\n") < n and (aside / "critique.jsonl").is_file()
+    res = run_cli(*args)  # without --overwrite: the finished phase is back, and not redone
+    assert res.returncode == 2 and "already done" in res.stderr, res.stderr[-2000:]
+    assert "restored the phases (critique, sft, feedback, dpo, eval)" in res.stderr
+    assert _tree(out) == before and not aside.exists()
+    # 3. a redo that completes replaces the phase
+    res = run_cli(*args, "--overwrite", "--set", "cai.revision_rounds=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    state = json.loads((out / "cai_state.json").read_text())["phases"]["critique"]
+    assert state["status"] == "done" and state["stats"]["revisions"] == 2 * n and not aside.exists()

@@ -193,3 +193,46 @@ def test_dpo_on_two_processes_matches_one(tmp_path, tiny_model_dir):
     one = dpo(tmp_path / "one", batch=8)
     assert max(t.abs().max() for t in two.values()) > 1e-4
     _assert_same_adapter(two, one)
+
+
+def _only_an_error_line(res, tmp_path):
+    """The single-process contract under --gpus 2: exit 2, one `error:` line, no traceback, nothing left."""
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-3000:]
+    assert not list(tmp_path.glob("run*")), list(tmp_path.iterdir())  # no run, .partial or .launch/
+    return errors[0]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed-line", "bad.jsonl:2"),
+    ("missing-file", "nope.jsonl"),
+    ("unknown-key", "train.lrr"),
+])
+def test_bad_input_with_gpus_2_fails_before_any_worker(tmp_path, tiny_model_dir, four_records, case, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QA[0]) + "\n{not json\n")
+    data = {"malformed-line": bad, "missing-file": tmp_path / "nope.jsonl", "unknown-key": four_records}[case]
+    sets = [f"model.name={tiny_model_dir}", f"data.train={data}", "train.max_steps=1", "generate.samples=0",
+            *(["train.lrr=1e-4"] if case == "unknown-key" else [])]
+    res = run_cli("sft", "--gpus", "2", *[a for s in sets for a in ("--set", s)], "-o", tmp_path / "run")
+    line = _only_an_error_line(res, tmp_path)
+    assert message in line and "launch (" not in res.stderr  # no worker was started
+
+
+@pytest.mark.slow  # starts two workers (~20-40 s on an idle 2-core machine)
+def test_an_error_the_workers_meet_is_printed_once(tmp_path, tiny_model_dir, four_records):
+    """Weights that are truncated are found only when the workers load the model: the launching process prints
+    the workers' error once, exits 2, and removes the launch folder."""
+    import shutil
+
+    broken = tmp_path / "model_trunc"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    sets = [f"model.name={broken}", f"data.train={four_records}", "train.max_steps=1", "generate.samples=0"]
+    res = run_cli("sft", "--gpus", "2", *[a for s in sets for a in ("--set", s)], "-o", tmp_path / "run",
+                  timeout=900)
+    assert "launch (ddp, 2 processes)" in res.stderr, res.stderr[-3000:]
+    line = _only_an_error_line(res, tmp_path)
+    assert "corrupt or truncated safetensors" in line, line  # the line one process prints

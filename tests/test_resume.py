@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
+import torch
 
 from tests.helpers import QA, run_cli, write_jsonl
 from tunekit.config.load import dump_recipe, load_recipe
@@ -89,3 +91,47 @@ def test_resume_cli_refuses_a_change_without_touching_the_run_then_extends(tmp_p
     assert res.returncode == 0, res.stderr
     assert "resuming from checkpoint-2" in res.stderr
     assert json.loads((out / "run_card.json").read_text())["global_step"] == 3
+
+
+GRPO_PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": f"#### {a + b}"}
+                for a in range(1, 5) for b in range(1, 4)]
+GRPO_SETS = ["grpo.num_generations=2", "grpo.max_completion_length=6", "grpo.log_completions_steps=0",
+             "rewards=[{name: 'python:tests.helpers:share_of_e'}]"]
+
+
+@pytest.mark.slow  # two tunekit runs per stage (~15-30 s each on an idle 2-core machine)
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_resume_after_the_last_checkpoint_only_finishes(tmp_path, tiny_model_dir, stage):
+    """A run killed after its last checkpoint (checkpoint-4 of max_steps 4), resumed: no step 5 (transformers'
+    loop would train one past max_steps), the saved adapter is checkpoint-4's, and each step is logged once."""
+    from safetensors.torch import load_file
+
+    rows, extra = (GRPO_PROMPTS, GRPO_SETS) if stage == "grpo" else (QA, [])
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "run"
+    sets = [f"model.name={tiny_model_dir}", f"data.train={data}", "train.max_steps=4", "train.save_steps=2",
+            "train.batch_size=2", "train.lr=1e-3", "generate.samples=0", *extra]
+    args = [stage, *(a for s in sets for a in ("--set", s)), "--output", out]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    partial = out.with_name("run.partial")
+    out.rename(partial)  # what a kill after checkpoint-4, before the final save, leaves behind
+    for name in ("adapter", "loss.png"):
+        path = partial / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    last = partial / "checkpoints" / "checkpoint-4"
+    assert (last / "trainer_state.json").is_file()
+    res = run_cli(*args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from checkpoint-4" in res.stderr, res.stderr
+    card = json.loads((out / "run_card.json").read_text())
+    assert card["global_step"] == 4, res.stderr  # not 5 of 4
+    assert card["metrics"]["train_loss"] > 0 and "nothing left to train" in res.stderr
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == [1, 2, 3, 4], steps  # none twice, none past max_steps
+    assert [r["step"] for r in logged if "train_runtime" in r] == [4]  # one summary row
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    at_checkpoint = load_file(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert saved.keys() == at_checkpoint.keys()
+    assert all(torch.equal(saved[k], at_checkpoint[k]) for k in saved)  # nothing was trained after it

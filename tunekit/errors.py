@@ -6,6 +6,8 @@ safetensors, parquet, YAML), or a bad Jinja template raised inside it becomes `e
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,10 +38,39 @@ class NumericalError(TunekitError):
     exit_code = 3
 
 
+#: Set by the launcher (`--gpus N`) for its workers: the file a worker records its error line in.
+WORKER_ERROR_ENV = "TUNEKIT_WORKER_ERROR_FILE"
+
+
+def hand_to_launcher(line: str, code: int) -> bool:
+    """In a launched worker: record this command's `error:` line and exit code for the launching process, which
+    prints it once for all workers. True when recorded (the worker then prints nothing); the first worker's error
+    is the one kept. False outside a launch, or when the file cannot be written (the worker prints it itself)."""
+    path = os.environ.get(WORKER_ERROR_ENV)
+    if not path:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return True  # another worker's error is already recorded
+    except OSError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"line": line, "code": code}, fh)
+    return True
+
+
+def worker_error(path: str | Path) -> tuple[str, int] | None:
+    """(error line, exit code) a launched worker recorded in `path` (`hand_to_launcher`), or None."""
+    try:
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
+        return str(found["line"]), int(found["code"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def describe_file_error(exc: BaseException, path: str | Path | None = None) -> str | None:
     """`<path>[:<line>]: <what>` for an error that means a user file is unreadable or corrupt; None otherwise."""
-    import json
-
     if path is None:
         path = getattr(exc, "filename", None) or getattr(exc, "tunekit_file", None)
     name = str(path) if path is not None else None

@@ -49,6 +49,13 @@ def write_crash_log(exc: BaseException) -> Path:
     return Path(name)
 
 
+def _say_error(line: str, code: int) -> None:
+    """The command's one error line on stderr; a launched worker (`--gpus N`) hands it to the launching process
+    instead, which prints it once for all workers."""
+    if not errors.hand_to_launcher(line, code):
+        typer.echo(line, err=True)
+
+
 def user_errors(fn: F) -> F:
     """Run a command inside the error boundary (see the module docstring)."""
 
@@ -66,7 +73,7 @@ def user_errors(fn: F) -> F:
         except TunekitError as exc:
             if debug_enabled():
                 traceback.print_exc()
-            typer.echo(f"error: {exc}", err=True)
+            _say_error(f"error: {exc}", exc.exit_code)
             raise typer.Exit(code=exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -79,15 +86,12 @@ def user_errors(fn: F) -> F:
                 traceback.print_exc()
             message = errors.describe_file_error(exc)
             if message is not None:
-                typer.echo(f"error: {message}", err=True)
+                _say_error(f"error: {message}", 2)
                 raise typer.Exit(code=2) from None
             log = write_crash_log(exc)
             first = (str(exc).splitlines() or [""])[0][:200]
-            typer.echo(
-                f"error: internal error ({type(exc).__name__}: {first}); traceback in {log} "
-                "(run with `tunekit --debug ...` to see it here)",
-                err=True,
-            )
+            _say_error(f"error: internal error ({type(exc).__name__}: {first}); traceback in {log} "
+                       "(run with `tunekit --debug ...` to see it here)", 1)
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -71,8 +71,9 @@ def resolve(recipe: Any, given: dict[str, Any]) -> LaunchOptions:
     )
 
 
-def maybe_relaunch(recipe: Any, given: dict[str, Any]) -> int | None:
-    """Relaunch this very command under `accelerate launch` when the options ask for it; None = train here."""
+def maybe_relaunch(recipe: Any, given: dict[str, Any], check: Callable[[], None] | None = None) -> int | None:
+    """Relaunch this very command under `accelerate launch` when the options ask for it; None = train here.
+    `check` (the stage's input checks) runs first, in this process, so bad input fails before any worker."""
     from tunekit.errors import TunekitError
     from tunekit.launch.accelerate import needs_launch, relaunch
     from tunekit.launch.plan import STRATEGIES
@@ -83,4 +84,4 @@ def maybe_relaunch(recipe: Any, given: dict[str, Any]) -> int | None:
         raise TunekitError(f"--strategy '{opts.strategy}': expected one of {', '.join(STRATEGIES)} or auto")
     if not needs_launch(opts, opts.strategy):
         return None
-    return relaunch(recipe, opts, sys.argv[1:], output_of(recipe).resolve())
+    return relaunch(recipe, opts, sys.argv[1:], output_of(recipe).resolve(), check=check)

@@ -68,11 +68,18 @@ def stage_command(app: typer.Typer, stage: str, help: str, runner: str) -> None:
 
             common.dry_run(cfg)
             return
-        code = maybe_relaunch(cfg, launch or {})  # --gpus/--nodes/--strategy: rerun under accelerate launch
+        module, fn = runner.split(":")
+        run = getattr(importlib.import_module(module), fn)
+
+        def check() -> None:  # the stage's own checks, before a launch spawns its workers
+            from tunekit.stages.runner import check_inputs
+
+            check_inputs(run, cfg, overwrite=overwrite, resume=resume)
+
+        code = maybe_relaunch(cfg, launch or {}, check)  # --gpus/--nodes/--strategy: rerun under accelerate launch
         if code is not None:
             raise typer.Exit(code)
-        module, fn = runner.split(":")
-        getattr(importlib.import_module(module), fn)(cfg, overwrite=overwrite, resume=resume)
+        run(cfg, overwrite=overwrite, resume=resume)
 
     command.__name__ = stage
     app.command(stage, help=help)(command)

@@ -4,7 +4,9 @@ or FSDP2 settings; print the exact command so it can be reused.
 The parent process (`tunekit sft ... --gpus 2`) resolves the strategy (`auto` = the memory planner's choice) and
 the run directory, writes `<output>.launch/accelerate.yaml` (+ `deepspeed.json`), and runs
 `accelerate launch --config_file ... -m tunekit sft ...` with `TUNEKIT_LAUNCHED=1`, so the children train
-instead of relaunching. accelerate, DeepSpeed and FSDP2 do the distributed work; tunekit only writes their configs.
+instead of relaunching. The parent checks the stage's inputs (recipe, output, data) before it writes or spawns
+anything; an error a worker still meets is handed back and printed once (tunekit/launch/launcher.py).
+accelerate, DeepSpeed and FSDP2 do the distributed work; tunekit only writes their configs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,18 +178,25 @@ def write_launch_files(folder: Path, opts: LaunchOptions, strategy: str, mixed_p
 
 
 def launch_command(config_file: Path, argv: list[str]) -> list[str]:
-    """`python -m accelerate.commands.launch --config_file CFG -m tunekit ARGV...`"""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+    """`python -m tunekit.launch.launcher --config_file CFG -m tunekit ARGV...`: `accelerate launch` that leaves
+    a worker's error to the one line this process prints (tunekit/launch/launcher.py)."""
+    return [sys.executable, "-m", "tunekit.launch.launcher", "--config_file", str(config_file),
             "-m", "tunekit", *argv]
 
 
-def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path) -> int:
-    """Write the launch files beside the run directory, print the command, run it; returns its exit code."""
+def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path,
+             check: Callable[[], None] | None = None) -> int:
+    """Check the inputs here (`check`: the stage's own checks, before anything is written or spawned), write the
+    launch files beside the run directory, print the command, run it; returns its exit code. A worker's error is
+    printed here once, as the one line it would have printed alone."""
     from tunekit.console import console
+    from tunekit.errors import WORKER_ERROR_ENV, worker_error
     from tunekit.models.load import device_type, resolve_dtype
 
     strategy = resolve_strategy(recipe, opts)
     check_compatible(recipe, strategy, opts)
+    if check is not None:
+        check()
     import torch
 
     cuda = device_type() == "cuda"
@@ -199,7 +209,9 @@ def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path) ->
     # every rank must agree on the run directory: pin the resolved output (the default has a timestamp)
     child_argv = [*argv, "--set", f"output={output}"]
     cmd = launch_command(cfg_file, child_argv)
-    env = {**os.environ, LAUNCHED_ENV: "1", STRATEGY_ENV: strategy}
+    report = folder / "worker-error.json"
+    report.unlink(missing_ok=True)
+    env = {**os.environ, LAUNCHED_ENV: "1", STRATEGY_ENV: strategy, WORKER_ERROR_ENV: str(report)}
     if strategy in ZERO_STAGE:
         env[DEEPSPEED_ENV] = str(folder / "deepspeed.json")
         if not cuda:
@@ -208,8 +220,13 @@ def relaunch(recipe: Any, opts: LaunchOptions, argv: list[str], output: Path) ->
     console.print(f"launch ({strategy}, {opts.world} process{'es' if opts.world > 1 else ''}): "
                   f"{LAUNCHED_ENV}=1 {shlex.join(shown)}", soft_wrap=True)
     code = subprocess.run(cmd, env=env).returncode
+    reported = worker_error(report) if code != 0 else None
+    report.unlink(missing_ok=True)
     if code != 0 and made and not Path(str(output) + ".partial").exists():
         shutil.rmtree(Path(str(output) + ".launch"), ignore_errors=True)
+    if reported is not None:
+        line, code = reported
+        print(line, file=sys.stderr)
     return code
 
 

@@ -10,13 +10,19 @@
 
 The run directory is built phase by phase (`cai_state.json` records each phase; `run_card.json` their counts).
 A finished phase is not redone without --overwrite; an interrupted one continues with --resume (the jsonl
-logs are append-only and keyed by prompt id; the sft/dpo sub-runs resume from their checkpoints).
+logs are append-only and keyed by prompt id; the sft/dpo sub-runs resume from their checkpoints). --overwrite
+replaces a phase and the ones built on it only once the redo is complete: until then they are set aside in
+`.before-overwrite/`, and put back when the redo fails or is interrupted (or, after a kill, by the next cai
+command on that output).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from tunekit.cai.prompts import Prompt, load_prompts, shipped_prompts
 from tunekit.config.schema import Recipe
 from tunekit.console import console
 from tunekit.errors import TunekitError
-from tunekit.run.atomic import partial_path
+from tunekit.run.atomic import partial_path, remove
 from tunekit.run.card import run_card
 from tunekit.stages.common import output_of
 
@@ -44,6 +50,9 @@ ARTIFACTS = {
 }
 SHARED_SECTIONS = ("model", "data", "adapter", "train", "generate")
 STATE = "cai_state.json"
+RUN_FILES = (STATE, "run_card.json", "recipe.yaml", "constitution.yaml")  # rewritten by every phase
+ASIDE = ".before-overwrite"  # finished phases an --overwrite redo replaces, kept until the redo is complete
+MANIFEST = "manifest.json"
 
 
 class CaiRun:
@@ -85,20 +94,62 @@ class CaiRun:
         entry.update(status="done", seconds=round(entry.get("seconds", 0) + seconds, 2), **info)
         self._save()
 
-    def clear(self, phase: str) -> None:
-        """--overwrite: remove this phase's artifacts and those of every later phase."""
-        import shutil
-
-        for ph in PHASES[PHASES.index(phase) :]:
-            for name in ARTIFACTS[ph]:
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+    def set_aside(self, phases: list[str]) -> None:
+        """--overwrite: move the artifacts of `phases` into `.before-overwrite/` (with copies of the run's state,
+        card, recipe and constitution) instead of deleting them, and drop the phases from the state. The redo then
+        writes in their place; `keep_redo()` discards what was set aside once every phase asked for is done,
+        `restore()` puts it back when the redo fails, is interrupted or was killed. The manifest (what was moved,
+        what did not exist) is complete before anything moves, so a restore after a kill at any point is exact."""
+        aside, staging = self.path / ASIDE, self.path / (ASIDE + ".tmp")
+        remove(staging)
+        staging.mkdir()
+        names = [n for ph in phases for n in ARTIFACTS[ph]]
+        moved = [n for n in names if (self.path / n).exists() or (self.path / n).is_symlink()]
+        copied = [n for n in RUN_FILES if (self.path / n).is_file()]
+        for name in copied:
+            shutil.copy2(self.path / name, staging / name)
+        absent = [n for n in (*names, *RUN_FILES) if n not in moved and n not in copied]
+        (staging / MANIFEST).write_text(json.dumps({"phases": phases, "moved": moved, "copied": copied,
+                                                    "absent": absent}) + "\n")
+        staging.rename(aside)
+        for name in moved:
+            os.replace(self.path / name, aside / name)
+        for ph in phases:
             self.state["phases"].pop(ph, None)
-        if self.path.exists():
-            self._save()
+        self._save()
+
+    def keep_redo(self) -> None:
+        """The redo is complete: discard what `set_aside` kept (the manifest goes first, so a kill while removing
+        the rest leaves nothing that a later restore would put back)."""
+        aside = self.path / ASIDE
+        if aside.is_dir():
+            (aside / MANIFEST).unlink(missing_ok=True)
+            remove(aside)
+
+    def restore(self) -> list[str]:
+        """Undo an unfinished --overwrite: remove what the redo wrote, put the set-aside artifacts and run files
+        back, reload the state. Returns the phases restored ([] when nothing was set aside). Safe to repeat."""
+        aside = self.path / ASIDE
+        remove(self.path / (ASIDE + ".tmp"))  # killed before anything moved
+        if not aside.is_dir():
+            return []
+        from tunekit.errors import reading
+
+        if not (aside / MANIFEST).is_file():  # killed while keep_redo() removed it: the redo was complete
+            remove(aside)
+            return []
+        with reading(aside / MANIFEST):
+            manifest = json.loads((aside / MANIFEST).read_text(encoding="utf-8"))
+        for name in manifest["absent"]:
+            remove(self.path / name)
+        for name in [*manifest["moved"], *manifest["copied"]]:
+            if (aside / name).exists() or (aside / name).is_symlink():
+                remove(self.path / name)
+                os.replace(aside / name, self.path / name)
+        (aside / MANIFEST).unlink()
+        remove(aside)
+        self.state = CaiRun(self.path).state
+        return list(manifest["phases"])
 
 
 def _load(name: str):
@@ -177,6 +228,7 @@ def run_cai(recipe: Recipe, phase: str = "all", overwrite: bool = False, resume:
     guard.check_writable(out)
     held = guard.lock(out)
     try:
+        _restore_unfinished_overwrite(out)
         if resume and (out / "recipe.yaml").is_file():
             from types import SimpleNamespace
 
@@ -186,6 +238,18 @@ def run_cai(recipe: Recipe, phase: str = "all", overwrite: bool = False, resume:
         return _run_phases(recipe, out, phase, overwrite, resume, constitution, prompts, eval_prompts)
     finally:
         held.release()
+
+
+def _restore_unfinished_overwrite(out: Path) -> None:
+    """An --overwrite redo that was killed left the phases it replaces set aside: put them back (we hold the lock),
+    so the finished work is what every later command sees."""
+    leftover = (out / ASIDE).exists() or (out / (ASIDE + ".tmp")).exists()
+    if not leftover or not (out / STATE).is_file():
+        return
+    restored = CaiRun(out).restore()
+    if restored:
+        print(f"note: restored the phases ({', '.join(restored)}) that an unfinished --overwrite of '{out}' had "
+              "set aside", file=sys.stderr)
 
 
 def _inputs(recipe: Recipe) -> list[Any]:
@@ -216,27 +280,40 @@ def _run_phases(recipe: Recipe, out: Path, phase: str, overwrite: bool, resume: 
     wanted = [p for p in PHASES if p != "eval" or eval_prompts is not None] if phase == "all" else [phase]
     if phase == "eval" and eval_prompts is None:
         raise TunekitError("--phase eval: cai.eval_prompts is null")
-    for ph in wanted:
-        status = run.status(ph)
-        if overwrite:
-            run.clear(ph)
-        elif status == "done":
-            if resume and phase == "all":
-                console.print(f"cai: phase {ph} already done")
-                continue
-            raise TunekitError(f"phase '{ph}' is already done in '{out}'; pass --overwrite to redo it")
-        elif status == "running" and not resume:
-            raise TunekitError(
-                f"phase '{ph}' was interrupted in '{out}'; pass --resume to continue it or --overwrite to restart it"
-            )
-        need = NEEDS.get(ph)
-        if need and run.status(need) != "done" and need not in wanted:
-            raise TunekitError(f"phase '{ph}' needs phase '{need}' done first (run --phase {need})")
-        console.print(f"[bold]cai: phase {ph}[/bold]")
-        started = time.perf_counter()
-        info = PHASE_FUNCS[ph](recipe, run, constitution, prompts if ph != "eval" else eval_prompts)
-        run.finish(ph, time.perf_counter() - started, **info)
-        _write_card(recipe, run, prompts)
+    need = NEEDS.get(wanted[0])
+    if need and run.status(need) != "done":
+        raise TunekitError(f"phase '{wanted[0]}' needs phase '{need}' done first (run --phase {need})")
+    # --overwrite redoes the first phase asked for and discards every later one (they were built on it), but
+    # only once the redo is complete: until then their files are set aside, and put back if it fails.
+    redo = list(PHASES[PHASES.index(wanted[0]):]) if overwrite else []
+    if any(run.status(ph) for ph in redo) or any((out / n).exists() for ph in redo for n in ARTIFACTS[ph]):
+        run.set_aside(redo)
+    try:
+        for ph in wanted:
+            status = None if overwrite else run.status(ph)
+            if status == "done":
+                if resume and phase == "all":
+                    console.print(f"cai: phase {ph} already done")
+                    continue
+                raise TunekitError(f"phase '{ph}' is already done in '{out}'; pass --overwrite to redo it")
+            if status == "running" and not resume:
+                raise TunekitError(f"phase '{ph}' was interrupted in '{out}'; pass --resume to continue it or "
+                                   "--overwrite to restart it")
+            need = NEEDS.get(ph)
+            if need and run.status(need) != "done" and need not in wanted:
+                raise TunekitError(f"phase '{ph}' needs phase '{need}' done first (run --phase {need})")
+            console.print(f"[bold]cai: phase {ph}[/bold]")
+            started = time.perf_counter()
+            info = PHASE_FUNCS[ph](recipe, run, constitution, prompts if ph != "eval" else eval_prompts)
+            run.finish(ph, time.perf_counter() - started, **info)
+            _write_card(recipe, run, prompts)
+    except BaseException:
+        restored = run.restore()
+        if restored:
+            print(f"note: the redo did not finish; '{out}' is back as it was before --overwrite "
+                  f"(phases {', '.join(restored)})", file=sys.stderr)
+        raise
+    run.keep_redo()
     return out
 
 

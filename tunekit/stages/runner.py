@@ -13,6 +13,8 @@ failure there is a warning.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,13 @@ from tunekit.run.rundir import RunDir
 from tunekit.stages import common
 from tunekit.stages.common import StageData, StageResult
 
-__all__ = ["Context", "Stage", "StageData", "StageResult", "run_stage"]
+__all__ = ["Context", "Stage", "StageData", "StageResult", "check_inputs", "run_stage"]
+
+_INPUTS_ONLY: ContextVar[bool] = ContextVar("tunekit_inputs_only", default=False)
+
+
+class _InputsChecked(Exception):
+    """run_stage stopped after its input checks (inside `check_inputs`)."""
 
 
 @dataclass
@@ -113,6 +121,8 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         data = stage.load_data(recipe, tok)
         if resume:
             _check_same_data(run, data.fingerprint)
+        if _INPUTS_ONLY.get():
+            raise _InputsChecked
         console.print(data.summary)
         # 3. Model and adapter, after the memory plan's estimate for this GPU (none on CPU).
         _print_memory_estimate(recipe, stage.name)
@@ -135,6 +145,7 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
         checkpoint = run.latest_checkpoint() if resume else None
         if resume:
             console.print(f"resuming from {checkpoint.name}" if checkpoint else "no checkpoint yet: starting over")
+        _no_step_past_the_end(trainer)
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - started
@@ -179,6 +190,47 @@ def run_stage(stage: Stage, recipe: Recipe, overwrite: bool = False, resume: boo
     final = run.finish()
     console.print(f"[green]done:[/green] {final}")
     return StageResult(final, model, tok, metrics)
+
+
+def check_inputs(run: Callable[..., Any], recipe: Recipe, overwrite: bool = False, resume: bool = False) -> None:
+    """Every check a stage's run function (`run_sft`, `run_grpo`, ...) makes before its model loads: the output
+    guard (its lock taken and released again), the recipe and data against an interrupted run's with --resume,
+    the tokenizer and every data record. Nothing is loaded beyond that and nothing is written. The launcher
+    (`--gpus N`) runs it in its own process before it starts any worker, so bad input is one error line, not
+    one per worker followed by the distributed launcher's report."""
+    token = _INPUTS_ONLY.set(True)
+    try:
+        run(recipe, overwrite=overwrite, resume=resume)
+    except _InputsChecked:
+        return
+    finally:
+        _INPUTS_ONLY.reset(token)
+    raise RuntimeError(f"{getattr(run, '__name__', run)} does not go through run_stage: its inputs were not checked")
+
+
+def _no_step_past_the_end(trainer: Any) -> None:
+    """Resuming from a checkpoint of the last step (a run killed after its final checkpoint, before it finished),
+    transformers' epoch loop would still train one step (max_steps + 1): it enters the unfinished epoch and checks
+    max_steps only after a step. Here an epoch starts only while steps are left, so such a resume loads the
+    checkpoint and goes straight to the summary, the save and the evaluation. The summary's train_loss is then
+    the mean of the losses the interrupted run logged (the trainer would report 0 for no step)."""
+    run_epoch = getattr(trainer, "_run_epoch", None)  # transformers' Trainer (5.x); PPO has its own loop
+    if run_epoch is None or not hasattr(trainer, "state"):
+        return
+
+    def run_epoch_while_steps_are_left(*args: Any, **kwargs: Any) -> Any:
+        state = trainer.state
+        if 0 < state.max_steps <= state.global_step:
+            if ranks.is_main():
+                console.print(f"nothing left to train: step {state.global_step} of {state.max_steps} is done")
+            losses = [row["loss"] for row in state.log_history if isinstance(row.get("loss"), int | float)]
+            if losses:
+                trainer._total_loss_scalar = sum(losses) / len(losses) * state.global_step
+            trainer.control.should_training_stop = True
+            return None
+        return run_epoch(*args, **kwargs)
+
+    trainer._run_epoch = run_epoch_while_steps_are_left
 
 
 def _check_same_data(run: RunDir, fingerprint: str) -> None:
