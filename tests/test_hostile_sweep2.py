@@ -7,6 +7,7 @@ config.json states impossible sizes, a wider tiny model, data. docs/reliability.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -29,6 +30,27 @@ IMPOSSIBLE = {
 }
 
 
+#: an adapter_config.json PEFT would read, and the ways a copied or hand-edited one breaks
+ADAPTER_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                  "target_modules": ["q_proj"], "base_model_name_or_path": "model"}
+CORRUPT_ADAPTERS = {
+    "adapter_not_json": "{not json",
+    "adapter_list": "[1, 2]",
+    "adapter_no_type": json.dumps({k: v for k, v in ADAPTER_CONFIG.items() if k != "peft_type"}),
+    "adapter_unknown_type": json.dumps({**ADAPTER_CONFIG, "peft_type": "LORAX"}),
+    "adapter_base_nowhere": json.dumps({**ADAPTER_CONFIG, "base_model_name_or_path": "./no/such/base"}),
+    "adapter_r_negative": json.dumps({**ADAPTER_CONFIG, "r": -4}),
+    "adapter_r_fraction": json.dumps({**ADAPTER_CONFIG, "r": 2.5}),
+}
+#: each command that takes a run/adapter folder as its model, given the folder
+ADAPTER_USERS = {
+    "sft": lambda a: ["sft", "--set", f"model.name={a}", "--set", "data.train=train.jsonl", "--dry-run"],
+    "eval": lambda a: ["eval", a, "--data", "train.jsonl", "--no-generate"],
+    "chat": lambda a: ["chat", a, "-p", "hi"],
+    "merge": lambda a: ["merge", "--adapter", a, "-o", "merged"],
+}
+
+
 def build_world(world: Path, model_dir: Path) -> None:
     from tunekit.models.tiny import build_tiny_model
 
@@ -44,11 +66,28 @@ def build_world(world: Path, model_dir: Path) -> None:
     (world / "calib.txt").write_text("Some calibration text.\n\nAnother paragraph.\n")
     write_jsonl(world / "margins.jsonl", [{**p, "margin": 1e308} for p in PAIRS])
     write_jsonl(world / "prompts.jsonl", [{"prompt": f"What is {a} plus 1?", "answer": a + 1} for a in range(4)])
+    selfrun = world / "selfrun"  # a run whose recipe names the run itself as its model
+    (selfrun / "adapter").mkdir(parents=True)
+    (selfrun / "recipe.yaml").write_text(f"stage: sft\nmodel:\n  name: {selfrun}\n")
+    (selfrun / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {k: v for k, v in ADAPTER_CONFIG.items() if k != "base_model_name_or_path"}))
+    for name, text in CORRUPT_ADAPTERS.items():
+        (world / name).mkdir()
+        (world / name / "adapter_config.json").write_text(text)
 
 
 def _sft(*sets: str, model: str = "model") -> list[str]:
     base = [f"model.name={model}", "data.train=train.jsonl", *sets]
     return ["sft", *[a for s in base for a in ("--set", s)]]
+
+
+def _grpo(*sets: str) -> list[str]:
+    base = ["model.name=model", "data.train=prompts.jsonl", "rewards=[{name: math_answer}]", *sets]
+    return ["grpo", *[a for s in base for a in ("--set", s)], "-o", "out"]
+
+
+def _ppo(*sets: str) -> list[str]:
+    return ["ppo", *_grpo("train.max_steps=1", *sets)[1:]]
 
 
 def _yaml(world: Path, name: str, text: str) -> str:
@@ -125,6 +164,33 @@ CASES: list[tuple[str, object, str]] = [
     ("grpo-user-reward-missing", lambda w: ["grpo", "--set", "model.name=model", "--set", "data.train=prompts.jsonl",
                                             "--set", "rewards=[{name: 'python:no_such_mod_q:fn'}]", "-o", "out"],
      "cannot import no_such_mod_q"),
+    # ---- options that contradict each other or need what is not installed
+    ("ppo-value-model-name-shared", lambda w: _ppo("ppo.value_model_name=model"),
+     "ppo.value_model_name: no effect with ppo.value_model: shared"),
+    # ---- every record dropped by data.max_length: the files and the key, not an empty dataset deep in TRL
+    *[(f"{stage}-all-truncated", lambda w, s=stage: [s, "--set", "model.name=model", "--set", "data.train=pairs.jsonl",
+                                                     "--set", "data.max_length=8", "-o", "out"],
+       f"pairs.jsonl: all {n} training {unit}s were dropped by data.max_length=8")
+      for stage, n, unit in [("dpo", 3, "preference pair"), ("rm", 3, "preference pair"), ("kto", 6, "record"),
+                             ("orpo", 3, "preference pair"), ("simpo", 3, "preference pair")]],
+    ("sft-all-truncated", lambda w: _sft("data.max_length=8", "data.truncation=drop") + ["-o", "out"],
+     "train.jsonl: all 9 training examples were dropped by tokenization"),
+    # ---- --dry-run builds the rewards as the run would
+    ("grpo-dry-run-reward-import", lambda w: _grpo("rewards=[{name: 'python:no_such_mod_q:fn'}]") + ["--dry-run"],
+     "cannot import no_such_mod_q"),
+    ("grpo-dry-run-reward-model-missing", lambda w: _grpo("rewards=[{name: reward_model, path: no_rm}]")
+     + ["--dry-run"], "reward model 'no_rm' does not exist"),
+    ("rloo-dry-run-reward-params", lambda w: ["rloo", *_grpo("rewards=[{name: length, min: 9, max: 3}]")[1:],
+                                              "--dry-run"], "min (9) is larger than max (3)"),
+    ("ppo-dry-run-reward-attribute", lambda w: _ppo("rewards=[{name: 'python:json:no_such_fn'}]") + ["--dry-run"],
+     "module json has no attribute 'no_such_fn'"),
+    # ---- corrupt adapter_config.json in a folder used as the model: one line naming the file, for every command
+    *[(f"{cmd}-{name.replace('_', '-')}", lambda w, c=cmd, n=name: ADAPTER_USERS[c](n), f"{name}/adapter_config.json")
+      for name in CORRUPT_ADAPTERS for cmd in ADAPTER_USERS],
+    # ---- a run that names itself as its model (the tokenizer lookup used to recurse until RecursionError)
+    ("sft-run-names-itself", lambda w: _sft(model="selfrun") + ["-o", "out"], "the chain of runs loops back"),
+    ("eval-run-names-itself", lambda w: ["eval", "selfrun", "--data", "train.jsonl", "--no-generate"],
+     "the chain of runs loops back"),
     # ---- merge
     ("merge-passthrough-widths", lambda w: ["merge", _yaml(w, "m.yml", PASSTHROUGH_WIDTHS), "-o", "merged"],
      "models of different sizes"),
@@ -153,6 +219,17 @@ def test_refused(case, world, locks, monkeypatch):
     line, _ = refused(args, world, locks)
     assert expected in line, line
     print(name, "->", line)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+@pytest.mark.parametrize("stage, extra", [("grpo", ()), ("rloo", ()), ("distill", ("distill.teacher=model",))])
+def test_use_vllm_without_vllm(stage, extra, world, locks, monkeypatch):
+    """`use_vllm: true` without vLLM used to fail in TRL's trainer (internal error, exit 1) after the model loaded."""
+    monkeypatch.chdir(world)
+    sets = ["model.name=model", "data.train=prompts.jsonl", f"{stage}.use_vllm=true", *extra]
+    sets += [] if stage == "distill" else ["rewards=[{name: math_answer}]"]
+    line, _ = refused([stage, *[a for s in sets for a in ("--set", s)], "-o", "out"], world, locks)
+    assert f"{stage}.use_vllm: vLLM is not installed" in line, line
 
 
 def test_plan_with_a_huge_batch_answers_at_once(world, monkeypatch):
@@ -200,6 +277,21 @@ def test_a_reward_model_run_is_not_a_policy(tmp_path, tiny_model_dir):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1 and "is a reward model" in errors[0], res.stderr[-2000:]
     assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, dropped", [("dpo", 3), ("rm", 3), ("kto", 6)])
+def test_records_that_do_not_fit_are_counted_and_the_rest_train(stage, dropped, tmp_path, tiny_model_dir):
+    """TRL drops what does not fit data.max_length without a word; the data step now drops the same records
+    before the model loads and says how many (here: the three pairs with a 200-word prompt)."""
+    long = " ".join(["word"] * 200)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl",
+                        PAIRS + [{"prompt": f"{long} {i}?", "chosen": "a", "rejected": "b"} for i in range(3)])
+    sets = [f"model.name={tiny_model_dir}", f"data.train={pairs}", "data.max_length=64", "data.eval_split=0",
+            "train.max_steps=1", "train.batch_size=2", "train.save_steps=0", "generate.samples=0"]
+    res = run_cli(stage, *[a for s in sets for a in ("--set", s)], "--output", tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"dropped {dropped} train / 0 eval" in res.stdout + res.stderr, res.stdout[-2000:]
 
 
 def _tree(root: Path) -> dict[str, str]:

@@ -14,7 +14,8 @@ def test_locate_kinds(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "recipe.yaml").write_text("model:\n  name: my/base\n  load_in_4bit: true\n")
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "other"}))
+    (run / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "other"}))
     loc = locate(run)
     assert loc.kind == "run" and loc.adapter_dir == run / "adapter" and loc.model_dir is None
     assert loc.base.name == "my/base" and loc.base.load_in_4bit
@@ -22,7 +23,7 @@ def test_locate_kinds(tmp_path, tiny_model_dir):
     assert inner.kind == "adapter" and inner.run_dir == run and inner.base.name == "my/base"
     lone = tmp_path / "lone"
     lone.mkdir()
-    (lone / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "other"}))
+    (lone / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "other"}))
     assert locate(lone).base.name == "other" and locate(lone).run_dir is None
     xs = tmp_path / "xs"
     xs.mkdir()

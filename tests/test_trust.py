@@ -57,14 +57,14 @@ def test_locate_strips_trust_from_run_and_adapter_configs(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "recipe.yaml").write_text("model:\n  name: org/base\n  trust_remote_code: true\n")
-    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     loc = locate(run)
     assert loc.base.name == "org/base" and loc.base.trust_remote_code is False
     assert "ignoring trust_remote_code" in capsys.readouterr().err
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(
-        json.dumps({"base_model_name_or_path": "org/base", "trust_remote_code": True}))
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base", "trust_remote_code": True}))
     loc = locate(adapter)
     assert loc.base.name == "org/base" and loc.base.trust_remote_code is False
     assert "adapter_config.json: ignoring trust_remote_code" in capsys.readouterr().err

@@ -30,6 +30,16 @@ def _did_you_mean(value: str, valid: tuple[str, ...]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def _vllm_installed(value: bool | None, key: str) -> bool | None:
+    """`use_vllm: true` needs the vllm package: refused when the recipe is read, not when the trainer starts."""
+    import importlib.util
+
+    if value and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"{key}: vLLM is not installed (pip install vllm, on a CUDA GPU); set {key}: false to "
+                         "generate with transformers, or leave it unset (vLLM when installed on a GPU)")
+    return value
+
+
 class RMConfig(Section):
     """Bradley-Terry reward model (Ouyang et al., 2022): loss = −log σ(r(x, y_c) − r(x, y_r) − m)."""
 
@@ -106,6 +116,11 @@ class GRPOConfig(Section):
         "one length-normalised ratio per completion, s_i = exp(mean_t log(π/π_old)), with loss_type grpo."
     )
 
+    @field_validator("use_vllm")
+    @classmethod
+    def _vllm_is_installed(cls, v: bool | None) -> bool | None:
+        return _vllm_installed(v, "grpo.use_vllm")
+
     @field_validator("loss_type")
     @classmethod
     def _known_loss(cls, v: str) -> str:
@@ -148,6 +163,11 @@ class RLOOConfig(Section):
     use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
     log_completions_steps: int = Field(10, ge=0, description="Write completions to completions.jsonl every N steps.")
 
+    @field_validator("use_vllm")
+    @classmethod
+    def _vllm_is_installed(cls, v: bool | None) -> bool | None:
+        return _vllm_installed(v, "rloo.use_vllm")
+
 
 class DistillConfig(Section):
     """On-policy distillation (Agarwal et al., 2024, GKD): on a share λ of the batches the student answers the
@@ -173,6 +193,11 @@ class DistillConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the student's own answers.")
     max_completion_length: int = Field(128, ge=1, description="Token budget of each completion.")
     use_vllm: bool | None = Field(None, description="Generate with vLLM (default: when installed on a GPU).")
+
+    @field_validator("use_vllm")
+    @classmethod
+    def _vllm_is_installed(cls, v: bool | None) -> bool | None:
+        return _vllm_installed(v, "distill.use_vllm")
 
 
 class PPOConfig(Section):
@@ -230,6 +255,16 @@ class PPOConfig(Section):
             raise ValueError(
                 f"ppo.minibatch_size={self.minibatch_size} exceeds the rollout batch "
                 f"(prompts_per_step × samples_per_prompt = {rows})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _value_model_name_needs_separate(self) -> PPOConfig:
+        if self.value_model == "shared" and self.value_model_name is not None:
+            raise ValueError(
+                f"ppo.value_model_name: no effect with ppo.value_model: shared (the value head sits on the "
+                f"policy's backbone); set ppo.value_model: separate to start the value model from "
+                f"'{self.value_model_name}', or remove ppo.value_model_name"
             )
         return self
 

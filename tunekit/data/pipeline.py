@@ -353,7 +353,11 @@ def _build(cfg: DataConfig, tok, seed: int, train_sources: list[DataSource], wor
                               "used": int(counts[i]) if counts is not None else 0})
     train_ds = _tokenize(records.select(train_rows), tok, cfg, stats, work, "train")
     if len(train_ds) == 0:
-        raise TunekitError("no training example is left after tokenization (all too long or without answers)")
+        files = ", ".join(src.path for src in train_sources)
+        raise TunekitError(f"{files}: all {len(train_rows)} training examples were dropped by tokenization "
+                           f"({stats.dropped_too_long} longer than data.max_length={cfg.max_length} with "
+                           f"data.truncation: drop, {stats.dropped_no_target} with no answer token left to learn "
+                           "from); raise data.max_length or shorten the records")
     stats.train_records = len(train_ds)
     eval_ds, eval_messages = None, []
     if eval_records is not None and len(eval_records):

@@ -63,7 +63,7 @@ def base_chain(base: str | Path) -> tuple[str, list[ResolvedAdapter]]:
             root = str(loc.model_dir) if loc is not None and loc.model_dir is not None else name
             return root, earlier[::-1]
         res = resolve_adapter(loc.adapter_dir if loc.kind == "adapter" else loc.path)
-        if res.base_hint is None:
+        if res.recorded_base() is None:
             raise TunekitError(f"adapter '{res.folder}': no base model recorded")
         earlier.append(res)
         name = res.base_hint
@@ -101,7 +101,7 @@ def merge_adapter(
     res = resolve_adapter(adapter)
     if res.kind.plan_merge is None:
         raise TunekitError(f"adapter '{res.folder}': type '{res.kind.name}' cannot be merged into a base model")
-    base_name = base if base is not None else res.base_hint
+    base_name = base if base is not None else res.recorded_base()
     if base_name is None:
         raise TunekitError(f"adapter '{res.folder}': no base model recorded; pass --base")
     root, earlier = base_chain(base_name)

@@ -103,6 +103,13 @@ class ResolvedAdapter:
     kind: AdapterKind
     base_hint: str | None  # base model named by the run's recipe or the adapter config
     load_in_4bit: bool
+    base_file: Path | None = None  # the adapter_config.json base_hint was read from (an adapter outside a run)
+
+    def recorded_base(self) -> str | None:
+        """base_hint, for use as the base: a recorded path that does not exist is refused naming base_file."""
+        from tunekit.run.locate import check_recorded_base
+
+        return check_recorded_base(self.base_hint, self.base_file)
 
 
 def resolve_adapter(path: str | Path) -> ResolvedAdapter:
@@ -120,7 +127,8 @@ def resolve_adapter(path: str | Path) -> ResolvedAdapter:
         raise TunekitError(f"'{path}' is a model folder, not an adapter or a run with an adapter")
     kind = kind_of(loc.adapter_dir)
     base = loc.base
-    return ResolvedAdapter(loc.adapter_dir, kind, base.name if base else None, bool(base and base.load_in_4bit))
+    return ResolvedAdapter(loc.adapter_dir, kind, base.name if base else None, bool(base and base.load_in_4bit),
+                           loc.base_file)
 
 
 class ModelSource:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tunekit.config.schema import ModelConfig
 from tunekit.errors import TunekitError
 from tunekit.models.embedded import ALIASES
-from tunekit.run.locate import Located, locate
+from tunekit.run.locate import Located, base_of, locate
 
 if TYPE_CHECKING:
     import torch
@@ -144,7 +144,7 @@ def refuse_reward_model_as_policy(cfg: ModelConfig, task: str) -> None:
 def _base_of(loc: Located, cfg: ModelConfig) -> ModelConfig:
     """The section to load an earlier adapter's base with: its name and revision from the run that trained it,
     every loading option (dtype, attention, trust_remote_code, template) from the current recipe."""
-    if loc.base is None:
+    if base_of(loc) is None:
         raise TunekitError(f"adapter '{loc.adapter_dir}' does not name its base model (no run recipe.yaml, no "
                            "base_model_name_or_path in adapter_config.json)")
     return cfg.model_copy(update={"name": loc.base.name, "revision": loc.base.revision})
@@ -216,13 +216,16 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
     from tunekit.data.templates import apply_template_choice
 
-    loc = earlier_run(cfg)
-    if loc is not None:
+    seen: set[Path] = set()
+    while (loc := earlier_run(cfg)) is not None:  # down the chain of runs to the first that saved a tokenizer
         saved = _saved_tokenizer_dir(loc)
-        if saved is None:
-            return load_tokenizer(_base_of(loc, cfg) if loc.model_dir is None else
-                                  cfg.model_copy(update={"name": str(loc.model_dir)}))
-        path: Path | str = saved
+        if saved is not None:
+            path: Path | str = saved
+            break
+        if loc.path.resolve() in seen or len(seen) > 64:
+            raise TunekitError(f"model.name '{cfg.name}': the chain of runs loops back to '{loc.path}'")
+        seen.add(loc.path.resolve())
+        cfg = _base_of(loc, cfg) if loc.model_dir is None else cfg.model_copy(update={"name": str(loc.model_dir)})
     else:
         path = resolve_model_path(cfg.name, cfg.revision)
     try:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tunekit.config.schema import ModelConfig
 from tunekit.errors import TunekitError
-from tunekit.run.locate import locate
+from tunekit.run.locate import base_of, locate
 
 
 def load_any(target: str, base: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -24,7 +24,7 @@ def load_any(target: str, base: str | None = None, trust_remote_code: bool = Fal
         cfg = loc.base or ModelConfig(name=str(loc.model_dir))
         with reading(loc.model_dir):
             return _load_plain(cfg.model_copy(update={"name": str(loc.model_dir), **trust}))
-    cfg = ModelConfig(name=base) if base else loc.base
+    cfg = ModelConfig(name=base) if base else base_of(loc)
     if cfg is None:
         raise TunekitError(f"adapter '{loc.adapter_dir}' does not name its base model; pass --base")
     with reading(loc.adapter_dir):

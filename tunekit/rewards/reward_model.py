@@ -110,9 +110,12 @@ def reward_scores(model: Any, tok: Any, prompts: Sequence[Any], completions: Seq
 
 @register_reward("reward_model")
 def reward_model(path: str, batch_size: int = 8, max_length: int = 1024):
-    """Build the reward; the model is loaded at the first call (not when the recipe is read)."""
+    """Build the reward; the model is loaded at the first call (not when the recipe is read), but a path that
+    does not exist is refused here, before any work."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if not Path(str(path)).expanduser().exists():
+        raise ValueError(f"reward model '{path}' does not exist (give a `tunekit rm` run)")
     state: dict = {}
     lock = threading.Lock()
 

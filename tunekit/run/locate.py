@@ -31,6 +31,7 @@ class Located:
     adapter_dir: Path | None = None  # the adapter (adapter kind, or RUN/adapter)
     run_dir: Path | None = None  # the run it belongs to, if any
     base: ModelConfig | None = None  # the base model section the adapter/run was trained with
+    base_file: Path | None = None  # the adapter_config.json `base` was read from (an adapter outside a run)
 
 
 def untrusted(section: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -68,6 +69,61 @@ def read_json_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """`folder/adapter_config.json` checked before PEFT reads it: a JSON object with a known `peft_type`, a rank
+    `r` that is a whole number >= 1, a finite `lora_alpha`, a `base_model_name_or_path` that is a name. Anything
+    else is a TunekitError naming the file (PEFT would fail deep in its loader, or take a string for a rank)."""
+    import math
+
+    file = folder / "adapter_config.json"
+    config = read_json_config(file)
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise TunekitError(f"{file}: no peft_type (a PEFT adapter config names its type, e.g. \"peft_type\": "
+                           "\"LORA\")")
+    if peft_type != "LORA":  # the common case, without peft's import
+        from peft import PeftType
+
+        known = [t.value for t in PeftType]
+        if peft_type not in known:  # PEFT looks the type up as written
+            import difflib
+
+            close = difflib.get_close_matches(str(peft_type).upper(), known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise TunekitError(f"{file}: unknown peft_type {peft_type!r} ({hint}PEFT knows {len(known)} types; "
+                               "tunekit trains and loads LORA)")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            continue
+        value = config[key]
+        if key == "r" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise TunekitError(f"{file}: r = {value!r} is not a rank (a whole number >= 1)")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "lora_alpha" and not (number and math.isfinite(value)):
+            raise TunekitError(f"{file}: lora_alpha = {value!r} is not a finite number")
+    base = config.get("base_model_name_or_path")
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise TunekitError(f"{file}: base_model_name_or_path = {base!r} names no model")
+    return config
+
+
+def check_recorded_base(name: str | None, file: Path | None) -> str | None:
+    """`name`, the base an adapter's `file` (adapter_config.json) records; a path that does not exist is refused
+    naming the file (else the resolver would report a model name the user never typed)."""
+    from tunekit.models.resolve import looks_like_path
+
+    if name is not None and file is not None and looks_like_path(name) and not Path(name).expanduser().exists():
+        raise TunekitError(f"{file}: base_model_name_or_path '{name}' does not exist")
+    return name
+
+
+def base_of(loc: Located) -> ModelConfig | None:
+    """The base model an adapter is loaded on (checked with `check_recorded_base` when it came from the adapter's
+    config)."""
+    check_recorded_base(loc.base.name if loc.base else None, loc.base_file)
+    return loc.base
+
+
 def is_adapter_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in ADAPTER_CONFIGS)
 
@@ -79,6 +135,8 @@ def locate(path: str | Path) -> Located | None:
         return None
     if (p / "recipe.yaml").is_file():
         base = run_model_section(p)
+        if (p / "adapter" / "adapter_config.json").is_file():
+            read_adapter_config(p / "adapter")
         if (p / "adapter").is_dir():
             return Located("run", p, adapter_dir=p / "adapter", run_dir=p, base=base)
         if (p / "model").is_dir():
@@ -87,11 +145,13 @@ def locate(path: str | Path) -> Located | None:
     if is_adapter_dir(p):
         run = p.parent if (p.parent / "recipe.yaml").is_file() else None
         base = run_model_section(run) if run is not None else None
-        if base is None and (p / "adapter_config.json").is_file():
-            config = untrusted(read_json_config(p / "adapter_config.json"), p / "adapter_config.json")
+        config = read_adapter_config(p) if (p / "adapter_config.json").is_file() else {}
+        base_file = None
+        if base is None and config:
+            config = untrusted(config, p / "adapter_config.json")
             name = config.get("base_model_name_or_path")
-            base = ModelConfig(name=name) if name else None
-        return Located("adapter", p, adapter_dir=p, run_dir=run, base=base)
+            base, base_file = (ModelConfig(name=name), p / "adapter_config.json") if name else (None, None)
+        return Located("adapter", p, adapter_dir=p, run_dir=run, base=base, base_file=base_file)
     if (p / "config.json").is_file():
         return Located("model", p, model_dir=p)
     raise TunekitError(f"'{p}' is not a model folder (config.json), an adapter or a tunekit run directory")

@@ -80,7 +80,13 @@ def prepare_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -
 
 
 def dry_run(recipe: Recipe) -> int:
-    """Resolve the recipe and count trainable parameters on the meta device (config.json only, no weights)."""
+    """Resolve the recipe, build its rewards (an unknown name, a `python:` reward that does not import, a bad
+    parameter fail as in the real run; a reward model is not loaded) and count trainable parameters on the meta
+    device (config.json only, no weights)."""
+    if recipe.rewards:
+        from tunekit.rewards import RewardSet
+
+        RewardSet.from_specs(recipe.rewards)
     task = "seq_cls" if recipe.stage == "rm" else "causal_lm"
     model = build_meta_model(recipe.model, task=task)
     ctx = AttachContext(quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit, meta=True, task=task)

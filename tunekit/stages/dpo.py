@@ -30,6 +30,10 @@ def uses_precomputed_reference(recipe: Recipe) -> bool:
 class DPOStage(PreferenceStage):
     name = "dpo"
 
+    def drop_rule_for(self, recipe: Recipe) -> str | None:
+        """TRL drops pairs whose prompt fills max_length with keep_start; keep_end keeps the answers' ends."""
+        return "prompt" if recipe.dpo.truncation_mode == "keep_start" else None
+
     def build_trainer(self, ctx: Context) -> Any:
         from trl import DPOConfig, DPOTrainer
 

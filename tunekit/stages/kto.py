@@ -21,6 +21,7 @@ from tunekit.config.schema import Recipe
 from tunekit.console import console
 from tunekit.stages import common
 from tunekit.stages.dpo import PEFT_METHODS
+from tunekit.stages.preference import drop_unfit
 from tunekit.stages.runner import Context, Stage, StageData, run_stage
 
 
@@ -79,6 +80,7 @@ class KTOStage(Stage):
             return (r.chosen if isinstance(r, PreferencePair) else r.completion)[-1]["content"]
 
         data = common.record_data(recipe, to_feedback, "record", "records", _rows_shuffled(recipe.train.seed), answer)
+        data = drop_unfit(recipe, tok, data, "prompt", "record")  # TRL drops records whose prompt fills max_length
         data.extra["eval_pairs"] = [p for p in data.extra["eval_records"] if isinstance(p, PreferencePair)]
         advice = weight_advice(data.counts["train_desirable"], data.counts["train_undesirable"],
                                recipe.kto.desirable_weight, recipe.kto.undesirable_weight)

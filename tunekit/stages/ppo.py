@@ -203,10 +203,6 @@ class PPOStage(PromptStage):
     name = "ppo"
 
     def load_data(self, recipe: Recipe, tok: Any):
-        for i, spec in enumerate(recipe.rewards):  # fail before any work, not at the first rollout
-            path = spec.params.get("path")
-            if spec.name == "reward_model" and path is not None and not Path(str(path)).exists():
-                raise TunekitError(f"rewards[{i}]: reward model '{path}' does not exist (give a `tunekit rm` run)")
         from tunekit.rewards import RewardSet
 
         data = super().load_data(recipe, tok)

@@ -14,7 +14,7 @@ from typing import Any
 from tunekit.config.schema import Recipe
 from tunekit.console import console
 from tunekit.stages import common
-from tunekit.stages.preference import PreferenceStage
+from tunekit.stages.preference import PreferenceStage, all_dropped
 from tunekit.stages.runner import Context, StageData
 
 
@@ -46,10 +46,11 @@ class ReferenceFreeStage(PreferenceStage):
         n = recipe.data.max_length
         train, dropped = tokenize_pairs(tok, list(data.train), n)
         evals, dropped_eval = tokenize_pairs(tok, list(data.eval), n) if data.eval is not None else ([], 0)
+        why = "the prompt alone fills it, leaving no answer token to learn from"
         if not train:
-            from tunekit.errors import TunekitError
-
-            raise TunekitError(f"no preference pair has an answer token within data.max_length={n}")
+            raise all_dropped(recipe, "train", dropped, "preference pair", why)
+        if dropped_eval and not evals:
+            raise all_dropped(recipe, "eval", dropped_eval, "preference pair", why)
         if dropped or dropped_eval:
             data.summary += f"; dropped {dropped + dropped_eval} pairs whose prompt fills data.max_length={n}"
         data.counts.update(dropped_too_long=dropped, dropped_too_long_eval=dropped_eval)

@@ -19,6 +19,7 @@ from tunekit.stages.runner import Context, run_stage
 
 class RewardModelStage(PreferenceStage):
     name = "rm"
+    drop_rule = "pair"  # TRL's RewardTrainer drops pairs longer than max_length
 
     def load_model(self, recipe: Recipe, tok: Any) -> tuple[Any, Any]:
         return common.load_trainable(recipe, tok, task="seq_cls")
