@@ -56,8 +56,10 @@ def tunekit_path(method: str, args, out: Path) -> dict:
     card = json.loads((out / "run_card.json").read_text())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     lengths = [r["completions/mean_length"] for r in rows if "completions/mean_length" in r and "eval_loss" not in r]
+    tokens = [r["num_tokens"] for r in rows if "num_tokens" in r]
     return {"seconds": card["train_loop_seconds"], "steps": card["global_step"], "peak_rss_mib": peak,
-            "completion_length": sum(lengths) / len(lengths) if lengths else None}
+            "completion_length": sum(lengths) / len(lengths) if lengths else None,
+            "tokens": tokens[-1] if tokens else None}
 
 
 def trl_path(method: str, args, out: Path) -> dict:
@@ -93,7 +95,7 @@ def main() -> None:
         args.model = str(resolve_model_path("smollm2-135m"))
     print(f"model {Path(args.model).name}, LoRA r={args.r}, {args.steps} steps x batch {args.batch}, "
           f"plain TRL weights {args.plain_dtype}")
-    print("| stage | path | s/step | mean completion tokens | peak RSS MiB |\n|---|---|---|---|---|")
+    print("| stage | path | s/step | mean completion tokens | input tokens | peak RSS MiB |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             rows = {"plain TRL": trl_path(stage, args, Path(tmp) / f"trl-{stage}"),
@@ -101,11 +103,13 @@ def main() -> None:
             for name, r in rows.items():
                 r["s_per_step"] = r["seconds"] / r["steps"]
                 length = "—" if r.get("completion_length") is None else f"{r['completion_length']:.1f}"
-                print(f"| {stage} | {name} | {r['s_per_step']:.2f} | {length} | {r['peak_rss_mib']:.0f} |", flush=True)
+                tokens = "—" if r.get("tokens") is None else f"{r['tokens']:.0f}"
+                print(f"| {stage} | {name} | {r['s_per_step']:.2f} | {length} | {tokens} | {r['peak_rss_mib']:.0f} |",
+                      flush=True)
             a, b = rows["tunekit"], rows["plain TRL"]
             ratio = "—" if not (a.get("completion_length") and b.get("completion_length")) else \
                 f"{a['completion_length'] / b['completion_length']:.3f}"
-            print(f"| {stage} | tunekit / plain | {a['s_per_step'] / b['s_per_step']:.3f} | {ratio} | "
+            print(f"| {stage} | tunekit / plain | {a['s_per_step'] / b['s_per_step']:.3f} | {ratio} | | "
                   f"{a['peak_rss_mib'] / b['peak_rss_mib']:.3f} |", flush=True)
 
 

@@ -9,7 +9,8 @@ as a user would without tunekit, with tunekit's recipe defaults for the method's
 `--dtype bfloat16` loads the weights in bf16 as tunekit's `model.dtype: auto` does for a frozen base on a CPU with
 bf16 units (the LoRA weights stay fp32 in PEFT either way).
 
-Prints one JSON line: {"seconds": training-loop wall time, "steps", "completion_length"}.
+Prints one JSON line: {"seconds": training-loop wall time, "steps", "completion_length", "tokens" (TRL's
+num_tokens: input tokens seen, padding excluded)}.
 
     python bench/plain_trl_align.py METHOD --model FOLDER --data FILE --out DIR --steps N --batch B [--r 8]
 """
@@ -130,8 +131,10 @@ def main() -> None:
     trainer = trainer_for(args.method, args, model, tok, timer)
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
     print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step,
-                      "completion_length": sum(lengths) / len(lengths) if lengths else None}))
+                      "completion_length": sum(lengths) / len(lengths) if lengths else None,
+                      "tokens": tokens[-1] if tokens else None}))
 
 
 if __name__ == "__main__":
