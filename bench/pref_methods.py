@@ -33,7 +33,10 @@ def tunekit_json(*args: str) -> dict | None:
     if res.returncode != 0:
         raise SystemExit(f"tunekit {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    return json.loads(last) if last.startswith("{") else None
+    doc = json.loads(last) if last.startswith("{") else None
+    if doc is not None and "metrics" in doc:  # an eval.json document: {metric: value}
+        doc = {k: v["value"] for k, v in doc["metrics"].items()}
+    return doc
 
 
 def start_accuracy(method: str, model: str) -> dict:
@@ -58,12 +61,14 @@ def learning(args) -> None:
     for method in args.methods:
         run = out / method
         sets = [a for s in EXTRA.get(method, []) + args.sets for a in ("--set", s)]
-        subprocess.run([sys.executable, "-m", "tunekit", STAGE[method], f"recipes/{STAGE[method]}-demo.yaml",
-                        "--output", str(run), "--overwrite", *sets], cwd=ROOT, check=True)
+        if not (args.reuse and (run / "run_card.json").is_file()):
+            subprocess.run([sys.executable, "-m", "tunekit", STAGE[method], f"recipes/{STAGE[method]}-demo.yaml",
+                            "--output", str(run), "--overwrite", *sets], cwd=ROOT, check=True)
         card = json.loads((run / "run_card.json").read_text())
         before = start_accuracy(method, "smollm2-135m")  # the demo recipes start from the embedded model
         after = tunekit_json("eval", str(run), "--data", str(HELD_OUT))
-        print(f"| {method} | {before['preference_accuracy']:.3f} | {after['preference_accuracy']:.3f} | "
+        key = "implicit_reward_accuracy" if method == "kto" else "preference_accuracy"  # what eval prints per kind
+        print(f"| {method} | {before['preference_accuracy']:.3f} | {after[key]:.3f} | "
               f"{before['mean_logprob_margin']:.2f} | {after.get('mean_logprob_margin', float('nan')):.2f} | "
               f"{card['global_step']} | {card['train_seconds']:.0f} |", flush=True)
 
@@ -73,6 +78,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--out", default="runs/bench-pref")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every run")
+    ap.add_argument("--reuse", action="store_true", help="evaluate a finished run in --out instead of training again")
     learning(ap.parse_args())
 
 
