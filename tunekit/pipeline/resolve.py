@@ -441,7 +441,7 @@ def _check_eval_values(spec: PipelineSpec, st: StageSpec, opts: dict[str, Any]) 
         if key in opts and not isinstance(opts[key], bool):
             raise spec.fail(st.name, f"{key}: true or false", key)
     for key in ("base", "judge_template"):
-        if key in opts and (not isinstance(opts[key], str) or not opts[key]):
+        if opts.get(key) is not None and (not isinstance(opts[key], str) or not opts[key]):
             raise spec.fail(st.name, f"{key}: expected a {'path or name' if key == 'base' else 'name or path'}",
                             key)
     for key, what in (("tasks", "task names (comma-separated or a list), task YAML files or folders of them"),
