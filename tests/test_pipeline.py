@@ -160,7 +160,8 @@ def test_typo_in_last_stage_fails_before_anything_is_written(tiny_model_dir, tmp
     err = proc.stderr.strip().splitlines()
     assert err == [f"error: {path}:{text.splitlines().index('    limitt: 2') + 1}: stage 'report': unknown key "
                    "'limitt' (did you mean 'limit'?); eval takes: targets, data, base, limit, max_length, "
-                   "max_new_tokens, batch_size, generate, reward"], err
+                   "max_new_tokens, batch_size, generate, reward, tasks, num_fewshot, apply_chat_template, "
+                   "against, judge, judge_template, trust_remote_code"], err
     assert line > 0 and not (tmp_path / "out").exists()
     # a bad recipe key deep in a training stage: named with its line too
     path.write_text(_pipeline(tmp_path, tiny_model_dir).read_text().replace("lr: 1.0e-2", "lr: -1", 1))
@@ -176,7 +177,7 @@ def test_typo_in_last_stage_fails_before_anything_is_written(tiny_model_dir, tmp
     (("merged: {command: merge, from: dpo}", "merged: {command: quantize, from: report2}"), "unknown stage"),
     (("    targets: [sft, merged]", "    targets: [sft, mergd]"), "'mergd' is neither a stage"),
     (("command: dpo", "command: dpoo"), "unknown command 'dpoo' (did you mean 'dpo'?)"),
-    (("    limit: 2", "    limit: 2\n    reward: math_answr"), "reward: unknown reward 'math_answr'"),
+    (("    generate: false", "    reward: math_answr"), "reward: unknown reward 'math_answr'"),
     (("    data: qa.jsonl", "    data: missing.jsonl"), "data: 'missing.jsonl' not found"),
     (("data: {train: pairs.jsonl,", "data: {train: nothere.jsonl,"), "data file"),
 ])
@@ -295,3 +296,144 @@ def test_wheel_holds_recipes_and_assets(tmp_path):
     assert "tunekit/assets/demo/train.jsonl" in names
     assert "tunekit/recipes/sft-lora-demo.yaml" in names
     assert "tunekit/recipes/pipelines/assistant-demo.yaml" in names
+
+
+# ---- eval stages with every `tunekit eval` mode: tasks, a judge's win rate, a baseline ----
+def _eval_pipeline(folder: Path, model: Path, tasks: str = "tunekit_pref", extra: str = "") -> Path:
+    """sft -> three eval stages: lm_eval tasks on the sft run; the tiny model judged against the sft run by
+    the sft run; perplexity of the sft run beside its base model."""
+    if not (folder / "qa.jsonl").exists():
+        write_jsonl(folder / "qa.jsonl", QA)
+    text = f"""\
+output: {folder / 'out'}
+defaults:
+  model: {{name: {model}}}
+  data: {{max_length: 64}}
+  adapter: {{method: lora, r: 4}}
+  generate: {{samples: 0}}
+stages:
+  sft:
+    command: sft
+    data: {{train: qa.jsonl, eval_split: 2}}
+    train: {TRAIN}
+  bench:
+    command: eval
+    targets: [sft]
+    tasks: {tasks}
+    limit: 2
+    batch_size: 2
+  judged:
+    command: eval
+    targets: [{model}]
+    against: sft
+    judge: sft
+    judge_template: helpful
+    data: qa.jsonl
+    limit: 3
+    max_new_tokens: 4
+  compared:
+    command: eval
+    targets: [sft]
+    against: {model}
+    data: qa.jsonl
+    limit: 2
+    generate: false
+{extra}"""
+    path = folder / "pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_eval_stage_runs_tasks_judge_and_baseline_through_tunekit_eval(tiny_model_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    path = _eval_pipeline(tmp_path, tiny_model_dir)
+    run_file(path)
+    out = tmp_path / "out"
+    assert _statuses(out) == dict.fromkeys(("sft", "bench", "judged", "compared"), "ran")
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["stages"]["judged"]["needs"] == ["sft"]  # against: and judge: name the sft stage
+    bench = json.loads((out / "bench/eval.json").read_text())
+    assert bench["tasks"] == ["tunekit_pref"] and "data" not in bench
+    acc = bench["targets"]["sft"]["metrics"]["tunekit_pref/acc"]["value"]
+    assert bench["targets"]["sft"]["mode"] == "tasks" and 0 <= acc <= 1
+    assert json.loads((out / "bench/sft.json").read_text())["details"]  # per-item samples, as `tunekit eval -o`
+    judged = json.loads((out / "judged/eval.json").read_text())
+    assert judged["against"] == "sft" and judged["judge"] == "sft"
+    (result,) = judged["targets"].values()
+    assert result["mode"] == "judge" and result["baseline"] == str(out / "sft") and result["n"] == 3
+    win_rate = result["metrics"]["win_rate"]["value"]
+    assert 0 <= win_rate <= 1 and result["settings"]["judge"] == str(out / "sft")
+    assert len((next((out / "judged").glob("*.judgements.jsonl"))).read_text().splitlines()) == 3
+    compared = json.loads((out / "compared/eval.json").read_text())
+    ppl = compared["targets"]["sft"]["metrics"]["perplexity"]
+    assert compared["data"] == str(tmp_path / "qa.jsonl") and "difference" in ppl
+    report = (out / "report.md").read_text()
+    assert "## bench: eval results" in report and f"| tunekit_pref/acc | {acc:.4g} |" in report
+    assert f"| win_rate | {win_rate:.4g} |" in report and "judged by `sft`" in report
+    assert f"| perplexity | {ppl['value']:.4g} | {ppl['baseline']['value']:.4g} |" in report
+    assert f"| metric | sft | {tiny_model_dir} (baseline) |" in report
+    # unchanged: all cached; a changed `tasks:` re-runs that eval stage alone
+    assert {n: a for n, (a, _) in _plan(path).items()} == dict.fromkeys(record["stages"], "cached")
+    sft_before = _mtimes(out / "sft")
+    path = _eval_pipeline(tmp_path, tiny_model_dir, tasks="[tunekit_pref, tunekit_demo]")
+    assert _plan(path)["bench"] == ("run", "changed: tasks")
+    run_file(path)
+    assert _statuses(out) == {"sft": "cached", "bench": "ran", "judged": "cached", "compared": "cached"}
+    assert _mtimes(out / "sft") == sft_before
+    metrics = json.loads((out / "bench/eval.json").read_text())["targets"]["sft"]["metrics"]
+    assert "tunekit_demo/exact_match" in metrics and "tunekit_demo/exact_match" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("edit, message, key", [
+    (("    tasks: tunekit_pref", "    tasks: tunekit_prf"), "tasks: unknown task 'tunekit_prf'", "tasks"),
+    (("    tasks: tunekit_pref", "    taskss: tunekit_pref"), "unknown key 'taskss' (did you mean 'tasks'?)",
+     "taskss"),
+    (("    batch_size: 2", "    batch_size: 2\n    data: qa.jsonl"), "data: no effect with `tasks:`", "data"),
+    (("    against: sft\n", ""), "judge: needs `against:`", "judge"),
+    (("    batch_size: 2", "    batch_size: 2\n    judge: sft"), "judge: no effect with `tasks:`", "judge"),
+    (("    tasks: tunekit_pref", "    tasks: [tunekit_pref, 3]"), "tasks: task names", "tasks"),
+    (("    generate: false", "    reward: 7"), "reward: a reward name or a list", "reward"),
+    (("    judge: sft", "    judge: sfft"), "judge: 'sfft' is neither a stage, a path nor a model alias (did you "
+     "mean 'sft'?)", "judge"),
+    (("    judge: sft", "    judge: bench"), "judge: 'bench' is a eval stage", "judge"),
+    (("    against: sft", "    against: nowhere/model.safetensors"), "against: 'nowhere/model.safetensors' is "
+     "neither", "against"),
+    (("    judge_template: helpful", "    judge_template: missing.txt"), "judge_template: 'missing.txt' not found",
+     "judge_template"),
+    (("    generate: false", "    generate: false\n    num_fewshot: 2"), "num_fewshot: only with `tasks:`",
+     "num_fewshot"),
+    (("    generate: false", "    generate: false\n    reward: math_answer"),
+     "reward: no effect with `generate: false` (rewards score generated answers)", "reward"),
+    (("    generate: false", "    generate: false\n    max_new_tokens: 8"),
+     "max_new_tokens: no effect with `generate: false`", "max_new_tokens"),
+    (("    limit: 2\n    batch_size: 2", "    limit: 2\n    batch_size: 2\n    num_fewshot: -1"),
+     "num_fewshot: must be a whole number, at least 0", "num_fewshot"),
+])
+def test_eval_stage_errors_name_the_line_and_key(tiny_model_dir, tmp_path, edit, message, key):
+    from tunekit.pipeline.resolve import resolve_pipeline
+    from tunekit.pipeline.spec import read_pipeline
+
+    pytest.importorskip("lm_eval")
+    path = _eval_pipeline(tmp_path, tiny_model_dir)
+    text = path.read_text()
+    assert edit[0] in text
+    text = text.replace(*edit, 1)
+    path.write_text(text)
+    with pytest.raises(TunekitError) as info:
+        resolve_pipeline(read_pipeline(path))
+    edited = text[:text.index(edit[1])].count("\n") + 1 if edit[1] else 1
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if i >= edited and row.startswith(f"    {key}:"))
+    assert str(info.value).startswith(f"{path}:{line}: stage '") and message in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_eval_stage_bad_task_is_one_error_line_before_anything_runs(tiny_model_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    path = _eval_pipeline(tmp_path, tiny_model_dir, tasks="tunekit_demo,tunekit_prf")
+    proc = run_cli("run", path, cwd=tmp_path)
+    line = path.read_text().splitlines().index("    tasks: tunekit_demo,tunekit_prf") + 1
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"error: {path}:{line}: stage 'bench': tasks: unknown task 'tunekit_prf'; did you "
+                             "mean tunekit_pref"), err
+    assert not (tmp_path / "out").exists()

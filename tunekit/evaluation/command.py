@@ -124,7 +124,7 @@ def check_options(req: EvalRequest) -> None:
     num_fewshot, apply_chat_template, judge_template = req.num_fewshot, req.apply_chat_template, req.judge_template
     if mode == "tasks":
         for flag, given in (("--data", data), ("--reward", reward), ("--no-generate", no_generate),
-                            ("--judge-template", judge_template)):
+                            ("--judge", req.judge), ("--judge-template", judge_template)):
             if given:
                 raise TunekitError(f"{flag}: no effect with --tasks (the tasks bring their own data and metrics)")
         return

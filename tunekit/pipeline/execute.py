@@ -156,20 +156,25 @@ def _quantize(res: Resolved) -> None:
 
 
 def _eval(res: Resolved) -> None:
-    from tunekit.evaluation.runs import evaluate_target
+    """`tunekit eval` on each target (`run_eval`, the command's own entry point): OUT/<stage>/<target>.json
+    (with judgements beside it for a judge), and eval.json with every target's result less its details."""
+    from tunekit.evaluation.command import run_eval
+    from tunekit.pipeline.resolve import eval_request
     from tunekit.run.atomic import commit
 
     o = res.options
     work = _staged(res)
-    summary: dict[str, Any] = {"data": o["data"], "targets": {}}
+    summary: dict[str, Any] = {}
+    for key in ("data", "tasks"):
+        if o.get(key) is not None:
+            summary[key] = o[key]
+    summary.update(res.labels)  # against / judge, as the pipeline names them
+    summary["targets"] = {}
     for name, path in o["targets"].items():
         console.print(f"eval: {name}")
-        result = evaluate_target(path, o["data"], o.get("base"), o.get("limit"), o.get("max_length", 1024),
-                                 o.get("max_new_tokens", 64), o.get("batch_size", 8), o.get("generate", True),
-                                 o.get("reward") or [])
         safe = name.replace("/", "_")
-        write_json(work / f"{safe}.json", {**result, "target": path})
-        summary["targets"][name] = {k: v for k, v in result.items() if k not in ("answers", "details")}
+        doc = run_eval(eval_request(o, path, work / f"{safe}.json"))
+        summary["targets"][name] = {k: v for k, v in doc.items() if k not in ("answers", "details")}
         gc.collect()
     write_json(work / "eval.json", summary)
     commit(work, res.folder)

@@ -31,16 +31,44 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+#: numbers of an eval result that are counts or settings, not results
+NOT_METRIC = ("records", "n", "tokens", "limit", "max_length", "max_new_tokens", "batch_size")
+
+
 def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
     """Numbers of one eval result, whichever shape: `metrics: {name: {value, stderr}}` or flat keys."""
     source = result.get("metrics") if isinstance(result.get("metrics"), dict) else result
     out = {}
     for key, value in source.items():
         number = _number(value)
-        if number is not None and key not in ("records", "n", "tokens", "limit", "max_length", "max_new_tokens",
-                                                     "batch_size"):
+        if number is not None and key not in NOT_METRIC:
             out[str(key)] = number
     return out
+
+
+def baseline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The baseline's numbers in one eval result (`against:`: each metric's `baseline` entry)."""
+    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
+    out = {}
+    for key, entry in metrics.items():
+        number = _number(entry.get("baseline")) if isinstance(entry, dict) else None
+        if number is not None and key not in NOT_METRIC:
+            out[str(key)] = number
+    return out
+
+
+def eval_notes(data: dict[str, Any]) -> str:
+    """One line on what an eval stage measured beyond data files: its tasks, its baseline, its judge."""
+    notes = []
+    tasks = data.get("tasks")
+    if isinstance(tasks, list) and tasks:
+        notes.append("lm-evaluation-harness tasks " + ", ".join(f"`{Path(str(t)).stem}`" for t in tasks))
+    if data.get("judge"):
+        notes.append(f"win rate against `{data.get('against')}` judged by `{data['judge']}` (both orders, ties "
+                     "count ½)")
+    elif data.get("against"):
+        notes.append(f"baseline `{data['against']}` (its column: the same measure on the baseline)")
+    return "; ".join(notes)
 
 
 def headline(folder: Path, command: str, artifact: Path) -> dict[str, float]:
@@ -97,15 +125,28 @@ def stage_rows(spec: PipelineSpec, record: dict[str, Any]) -> list[dict[str, Any
 
 
 def eval_tables(spec: PipelineSpec, record: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """{eval stage: {target: {metric: value}}}."""
+    """{eval stage: {target: {metric: value}}}, plus a `<baseline> (baseline)` column with `against:`."""
     out = {}
     for name, entry in record["stages"].items():
         if entry["command"] != "eval" or entry["status"] not in ("ran", "cached"):
             continue
         data = _read_json(spec.output / name / "eval.json")
         targets = data.get("targets") if isinstance(data.get("targets"), dict) else {}
-        out[name] = {t: eval_metrics(r) for t, r in targets.items() if isinstance(r, dict)}
+        table = {t: eval_metrics(r) for t, r in targets.items() if isinstance(r, dict)}
+        baseline: dict[str, float] = {}
+        for result in targets.values():
+            if isinstance(result, dict):
+                for key, value in baseline_metrics(result).items():
+                    baseline.setdefault(key, value)  # the same baseline for every target
+        if baseline:
+            table[f"{data.get('against') or 'baseline'} (baseline)"] = baseline
+        out[name] = table
     return out
+
+
+def _metric_names(targets: dict[str, dict[str, float]]) -> list[str]:
+    """Every metric of an eval table, in the order the results list them (the headline one first)."""
+    return list(dict.fromkeys(m for values in targets.values() for m in values))
 
 
 def markdown(spec: PipelineSpec, record: dict[str, Any]) -> str:
@@ -117,12 +158,18 @@ def markdown(spec: PipelineSpec, record: dict[str, Any]) -> str:
         plots = " ".join(f"[{Path(p).name}]({p})" for p in row["plots"])
         lines.append(f"| {row['stage']} | {row['command']} | {row['status']} | {row['time']} | {metrics} | {plots} |")
     for stage, targets in eval_tables(spec, record).items():
-        names = sorted({m for values in targets.values() for m in values})
-        lines += ["", f"## {stage}: eval results", "", "| metric | " + " | ".join(targets) + " |",
-                  "|---|" + "---|" * len(targets)]
-        for m in names:
+        data = _read_json(spec.output / stage / "eval.json")
+        notes = eval_notes(data)
+        lines += ["", f"## {stage}: eval results", "", *([notes, ""] if notes else []),
+                  "| metric | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        for m in _metric_names(targets):
             cells = [(_fmt(targets[t][m]) if m in targets[t] else "") for t in targets]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        results = data.get("targets") if isinstance(data.get("targets"), dict) else {}
+        warnings = [(t, w) for t, r in results.items() if isinstance(r, dict)
+                    for w in (r.get("warnings") if isinstance(r.get("warnings"), list) else [])]
+        if warnings:
+            lines += [""] + [f"- warning ({t}): {w}" for t, w in warnings]
     lines += ["", "Wall time in parentheses: the stage was cached; the time is that of the run that made it."]
     return "\n".join(lines) + "\n"
 
@@ -144,7 +191,7 @@ def print_table(spec: PipelineSpec, record: dict[str, Any]) -> None:
         t.add_column("metric")
         for target in targets:
             t.add_column(target, justify="right")
-        for m in sorted({m for values in targets.values() for m in values}):
+        for m in _metric_names(targets):
             t.add_row(m, *[(_fmt(targets[x][m]) if m in targets[x] else "") for x in targets])
         console.print(t)
     console.print(f"report: {spec.output / 'report.md'}")

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.errors import TunekitError
+from tunekit.evaluation.command import EvalRequest, check_options
 from tunekit.paths import resolve_path, resolve_recipe_paths, resolve_shipped_recipe
-from tunekit.pipeline.spec import COMMAND_KEYS, TRAINING_COMMANDS, PipelineSpec, StageSpec, eval_targets
+from tunekit.pipeline.spec import COMMAND_KEYS, EVAL_MODEL_KEYS, TRAINING_COMMANDS, PipelineSpec, StageSpec
 
 #: what each command's output is, for checking `from:` and references
 KIND = {**{c: "policy" for c in TRAINING_COMMANDS if c != "rm"},
@@ -40,6 +41,7 @@ class Resolved:
     options: dict[str, Any] = field(default_factory=dict)  # merge / quantize / eval
     needs: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)  # local files/folders read (not stage outputs)
+    labels: dict[str, str] = field(default_factory=dict)  # eval: `against:` / `judge:` as written (not hashed)
 
     def describe(self) -> dict[str, Any]:
         """The resolved input as plain data (what the fingerprint hashes)."""
@@ -363,6 +365,8 @@ def _quantize_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
 
 
 def _eval_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
+    """The options of `tunekit eval`, one request per target: checked here as the command checks them
+    (`check_options`, task names, judge questions, rewards) with the pipeline's file:line and key."""
     opts = _options(spec, st)
     res = Resolved(st.name, "eval", spec.output / st.name, spec.output / st.name, needs=list(st.needs))
     targets = opts.get("targets")
@@ -370,48 +374,43 @@ def _eval_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
         targets = [targets]
     if not targets or not isinstance(targets, list):
         raise spec.fail(st.name, "eval needs `targets:` (stage names, run directories or model names)", "targets")
+    _check_eval_values(spec, st, opts)
+    try:
+        check_options(eval_request(opts, "target"))
+    except TunekitError as exc:
+        raise _option_error(spec, st, exc) from None
     resolved_targets: dict[str, str] = {}
-    named = set(eval_targets(st))
     for target in targets:
-        if not isinstance(target, str):
-            raise spec.fail(st.name, f"targets: {target!r} is not a stage name or path", "targets")
-        if target in spec.stages:
-            kind = KIND[spec.stages[target].command]
-            if kind in ("quantized model", "evaluation"):
-                raise spec.fail(st.name, f"targets: '{target}' is a {spec.stages[target].command} stage; eval "
-                                "loads runs, adapters and model folders (a quantize stage reports its own "
-                                "perplexity with `verify: true`)", "targets")
-            resolved_targets[target] = str(artifact_of(spec, target))
-        else:
-            path = resolve_path(target, spec.path.parent)
-            if Path(path).expanduser().exists():
-                res.inputs.append(path)
-            elif _looks_local(target) or (target in named and "/" not in target and not _known_alias(target)):
-                import difflib
-
-                close = difflib.get_close_matches(target, list(spec.stages), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise spec.fail(st.name, f"targets: '{target}' is neither a stage, a path nor a model alias{hint}",
-                                "targets")
-            resolved_targets[target] = path
+        resolved_targets[target] = _eval_model(spec, st, "targets", target, res)
     opts["targets"] = resolved_targets
-    data = opts.get("data")
-    if data is None:
-        raise spec.fail(st.name, "eval needs `data:` (a file of records)", "data")
-    opts["data"] = _existing(spec, st, "data", data, res)
-    if opts["data"] not in _stage_paths(spec):
-        from tunekit.data.sources import iter_source
-        from tunekit.errors import reading
+    for key in EVAL_MODEL_KEYS:
+        if opts.get(key) is not None:
+            res.labels[key] = opts[key]
+            opts[key] = _eval_model(spec, st, key, opts[key], res)
+    if opts.get("data") is not None:
+        opts["data"] = _existing(spec, st, "data", opts["data"], res)
+        if opts["data"] not in _stage_paths(spec):
+            from tunekit.data.sources import iter_source
+            from tunekit.errors import reading
 
+            try:
+                with reading(opts["data"]):
+                    if not any(True for _ in iter_source(opts["data"])):
+                        raise TunekitError(f"{opts['data']}: no records to evaluate")
+            except TunekitError as exc:
+                raise spec.fail(st.name, f"data: {exc}", "data") from None
+    if opts.get("tasks") is not None:
+        opts["tasks"] = _eval_tasks(spec, st, opts["tasks"], res)
+    template = opts.get("judge_template")
+    if template is not None:
+        from tunekit.evaluation.judge import TEMPLATES, judge_questions
+
+        if template not in (*TEMPLATES, "constitution"):
+            opts["judge_template"] = _existing(spec, st, "judge_template", template, res)
         try:
-            with reading(opts["data"]):
-                if not any(True for _ in iter_source(opts["data"])):
-                    raise TunekitError(f"{opts['data']}: no records to evaluate")
+            judge_questions(opts["judge_template"])
         except TunekitError as exc:
-            raise spec.fail(st.name, f"data: {exc}", "data") from None
-    for key in ("limit", "max_length", "max_new_tokens", "batch_size"):
-        if key in opts and (not isinstance(opts[key], int) or opts[key] < 1):
-            raise spec.fail(st.name, f"{key}: must be a positive whole number", key)
+            raise _option_error(spec, st, exc) from None
     reward = opts.get("reward")
     if isinstance(reward, str):
         opts["reward"] = reward = [reward]
@@ -428,6 +427,111 @@ def _eval_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
             raise spec.fail(st.name, f"reward: {msg}", "reward") from None
     res.options = opts
     return res
+
+
+def _check_eval_values(spec: PipelineSpec, st: StageSpec, opts: dict[str, Any]) -> None:
+    """Each eval key's type and range (the ranges of `tunekit eval`'s options)."""
+    for key, low in (("limit", 1), ("max_length", 8), ("max_new_tokens", 1), ("batch_size", 1),
+                     ("num_fewshot", 0)):
+        value = opts.get(key)
+        if key in opts and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            what = "a positive whole number" if low == 1 else f"a whole number, at least {low}"
+            raise spec.fail(st.name, f"{key}: must be {what}", key)
+    for key in ("generate", "apply_chat_template", "trust_remote_code"):
+        if key in opts and not isinstance(opts[key], bool):
+            raise spec.fail(st.name, f"{key}: true or false", key)
+    for key in ("base", "judge_template"):
+        if opts.get(key) is not None and (not isinstance(opts[key], str) or not opts[key]):
+            raise spec.fail(st.name, f"{key}: expected a {'path or name' if key == 'base' else 'name or path'}",
+                            key)
+    for key, what in (("tasks", "task names (comma-separated or a list), task YAML files or folders of them"),
+                      ("reward", "a reward name or a list of them, e.g. reward: math_answer")):
+        value = opts.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise spec.fail(st.name, f"{key}: {what}", key)
+    if opts.get("generate") is False and "max_new_tokens" in opts:
+        raise spec.fail(st.name, "max_new_tokens: no effect with `generate: false`", "max_new_tokens")
+
+
+def eval_request(options: dict[str, Any], target: str, output: Path | None = None) -> EvalRequest:
+    """The `tunekit eval` request of one target of an eval stage (its options as resolved)."""
+    tasks = options.get("tasks")
+    return EvalRequest(
+        target=target, data=options.get("data"), tasks=",".join(tasks) if isinstance(tasks, list) else tasks,
+        against=options.get("against"), judge=options.get("judge"), judge_template=options.get("judge_template"),
+        num_fewshot=options.get("num_fewshot"), apply_chat_template=options.get("apply_chat_template", False),
+        base=options.get("base"), max_length=options.get("max_length", 1024),
+        max_new_tokens=options.get("max_new_tokens", 64), limit=options.get("limit"),
+        batch_size=options.get("batch_size", 8), generate=options.get("generate", True),
+        rewards=list(options.get("reward") or []), output=output, overwrite=output is not None,
+        trust_remote_code=options.get("trust_remote_code", False))
+
+
+def _option_error(spec: PipelineSpec, st: StageSpec, exc: TunekitError) -> TunekitError:
+    """A `tunekit eval` message in the pipeline's words (`--judge-template` → `judge_template`), with the line
+    of the key it is about."""
+    import re
+
+    text = str(exc)
+    first = re.match(r"--([a-z-]+)", text)
+    key = None if first is None else "generate" if first.group(1) == "no-generate" else first.group(1).replace("-", "_")
+    text = text.replace("--no-generate", "`generate: false`")
+    text = re.sub(r"^--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), text)
+    text = re.sub(r"--([a-z-]+)(?: [A-Z]+\b)?", lambda m: f"`{m.group(1).replace('-', '_')}:`", text)
+    return spec.fail(st.name, text, key)
+
+
+def _eval_model(spec: PipelineSpec, st: StageSpec, key: str, value: Any, res: Resolved) -> str:
+    """A model an eval stage names (a target, `against:`, `judge:`): a stage's output, a path or a model name."""
+    if not isinstance(value, str) or not value:
+        raise spec.fail(st.name, f"{key}: {value!r} is not a stage name or path", key)
+    if value in spec.stages:
+        command = spec.stages[value].command
+        kind = KIND[command]
+        if key == "judge" and kind in ("quantized model", "evaluation", "reward model"):
+            raise spec.fail(st.name, f"judge: '{value}' is a {command} stage; the judge is a language model (a "
+                            "policy run, a merged model or a model folder)", key)
+        if kind in ("quantized model", "evaluation"):
+            raise spec.fail(st.name, f"{key}: '{value}' is a {command} stage; eval loads runs, adapters and model "
+                            "folders (a quantize stage reports its own perplexity with `verify: true`)", key)
+        return str(artifact_of(spec, value))
+    path = resolve_path(value, spec.path.parent)
+    if path in _stage_paths(spec):  # a `{stage: X}` reference
+        return path
+    if Path(path).expanduser().exists():
+        res.inputs.append(path)
+    elif _looks_local(value) or ("/" not in value and not _known_alias(value)):
+        import difflib
+
+        close = difflib.get_close_matches(value, list(spec.stages), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise spec.fail(st.name, f"{key}: '{value}' is neither a stage, a path nor a model alias{hint}", key)
+    return path
+
+
+def _eval_tasks(spec: PipelineSpec, st: StageSpec, value: Any, res: Resolved) -> list[str]:
+    """`tasks:` (comma-separated or a list: lm_eval names, task YAML files, folders of them) checked as
+    `tunekit eval --tasks` checks it; local task files resolve against the pipeline's folder and are inputs."""
+    from tunekit.evaluation.harness import select_tasks
+
+    items = [value] if isinstance(value, str) else value
+    names = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    tasks = []
+    for name in names:
+        path = resolve_path(name, spec.path.parent)
+        local = Path(path).expanduser()
+        if local.is_dir() or local.suffix in (".yaml", ".yml"):
+            if local.exists():
+                res.inputs.append(path)
+            tasks.append(path)
+        else:
+            tasks.append(name)
+    try:
+        select_tasks(tasks)
+    except TunekitError as exc:
+        raise _option_error(spec, st, exc) from None
+    return tasks
 
 
 def _known_alias(name: str) -> bool:

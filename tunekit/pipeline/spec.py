@@ -33,8 +33,11 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "quantize": ("format", "type", "verify", "eval_text", "calibration", "samples", "group_size",
                  "embedding_type"),
     "eval": ("targets", "data", "base", "limit", "max_length", "max_new_tokens", "batch_size", "generate",
-             "reward"),
+             "reward", "tasks", "num_fewshot", "apply_chat_template", "against", "judge", "judge_template",
+             "trust_remote_code"),
 }
+#: eval stage keys that name a model: a target, the baseline, the judge (a stage name, a path or a model name)
+EVAL_MODEL_KEYS = ("against", "judge")
 
 
 @dataclass
@@ -153,7 +156,7 @@ def read_pipeline(path: str | Path, output: str | Path | None = None) -> Pipelin
         spec.needs = list(dict.fromkeys(([source] if source else []) + stage_refs(rest)))
         stages[name] = spec
     for spec in stages.values():
-        spec.needs = list(dict.fromkeys(spec.needs + [t for t in eval_targets(spec) if t in stages]))
+        spec.needs = list(dict.fromkeys(spec.needs + [t for t in eval_models(spec) if t in stages]))
         for need in spec.needs:
             if need not in stages:
                 key = "from" if need == spec.source else None
@@ -171,10 +174,25 @@ def eval_targets(spec: StageSpec) -> list[str]:
     """An eval stage's `targets:` entries that are strings (stage names, paths or model names)."""
     if spec.command != "eval":
         return []
-    targets = spec.body.get("targets")
+    targets = _eval_options(spec).get("targets")
     if isinstance(targets, str):
         targets = [targets]
     return [t for t in targets if isinstance(t, str)] if isinstance(targets, list) else []
+
+
+def eval_models(spec: StageSpec) -> list[str]:
+    """Every model an eval stage names as a string: its targets, then `against:` and `judge:`."""
+    if spec.command != "eval":
+        return []
+    options = _eval_options(spec)
+    named = [options.get(key) for key in EVAL_MODEL_KEYS]
+    return eval_targets(spec) + [m for m in named if isinstance(m, str)]
+
+
+def _eval_options(spec: StageSpec) -> dict[str, Any]:
+    """An eval stage's keys with its `set:` applied (as resolve.py reads them)."""
+    extra = spec.body.get("set")
+    return {**spec.body, **extra} if isinstance(extra, dict) else spec.body
 
 
 def _topological(path: Path, stages: dict[str, StageSpec]) -> list[str]:
