@@ -280,6 +280,8 @@ def test_recipe_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_recipe(recipe)
     assert Path(cfg.data.train) == tmp_path / "sub/qa.jsonl"
+    monkeypatch.chdir(tmp_path / "sub")  # where `qa.jsonl` also exists as written: the same one absolute path
+    assert load_recipe(recipe).data.train == cfg.data.train
     assert Path(cfg.data.eval) == assets_dir() / "demo/eval.jsonl" and Path(cfg.data.eval).is_file()
     assert cfg.model.name == "Org/model"  # a hub id is never taken for a path
 
@@ -393,6 +395,7 @@ def test_eval_stage_runs_tasks_judge_and_baseline_through_tunekit_eval(tiny_mode
     (("    batch_size: 2", "    batch_size: 2\n    judge: sft"), "judge: no effect with `tasks:`", "judge"),
     (("    tasks: tunekit_pref", "    tasks: [tunekit_pref, 3]"), "tasks: task names", "tasks"),
     (("    generate: false", "    reward: 7"), "reward: a reward name or a list", "reward"),
+    (("    generate: false", "    reward: length"), "give `min`, `max` or both", "reward"),
     (("    judge: sft", "    judge: sfft"), "judge: 'sfft' is neither a stage, a path nor a model alias (did you "
      "mean 'sft'?)", "judge"),
     (("    judge: sft", "    judge: bench"), "judge: 'bench' is a eval stage", "judge"),

@@ -1,9 +1,10 @@
 """Where a path written in a recipe or pipeline file points, wherever tunekit runs from.
 
 - `tunekit/assets/...` names the installed package's own assets (a checkout, an editable or a wheel install);
-- a relative path resolves against the folder of the file that holds it when it exists there, otherwise it stays
-  as written (relative to the working directory, as before: run directories like `runs/demo`, hub ids such as
-  `Qwen/Qwen2.5-0.5B`, which must never be taken for a missing local path);
+- a relative path resolves against the folder of the file that holds it when it exists there (to one absolute
+  path, so a pipeline's fingerprints do not depend on the working directory); otherwise it stays as written
+  (relative to the working directory: run directories like `runs/demo`, hub ids such as `Qwen/Qwen2.5-0.5B`,
+  which must never be taken for a missing local path);
 - shipped recipes are found by name (`tunekit sft sft-lora-demo`) in the checkout's `recipes/` or, from a wheel,
   in the package data `tunekit/recipes/`.
 
@@ -47,8 +48,8 @@ def resolve_path(value: str, base: Path | None) -> str:
     if p.is_absolute() or base is None:
         return value
     candidate = base / p
-    if candidate.exists() and not p.exists():
-        return str(candidate)
+    if candidate.exists():  # the file's folder wins, and as one absolute path whatever the working directory
+        return str(candidate.resolve())
     return value
 
 

@@ -64,16 +64,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         from tunekit.evaluation.judge import judge_questions
 
         judge_questions(req.judge_template)
-    if req.rewards:  # every name is checked (typo, empty, a user function that does not import) before any work
-        from tunekit.rewards.registry import RewardSet
-
-        for name in req.rewards:
-            if not name.strip():
-                raise TunekitError("--reward: empty name (e.g. --reward math_answer)")
-        try:
-            RewardSet.from_specs([{"name": name} for name in req.rewards])
-        except TunekitError as exc:
-            raise TunekitError(f"--reward: {str(exc).split(': ', 1)[-1]}") from None
+    check_rewards(req.rewards)
     inputs = [req.target, req.data, req.base, req.against, req.judge, req.judge_template]
     outputs = [req.output] + ([judgements_path(req.output)] if req.output is not None and mode == "judge" else [])
     held = [guard.acquire(o, inputs, req.overwrite) for o in outputs if o is not None]
@@ -116,6 +107,22 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     finally:
         for h in held:
             h.release()
+
+
+def check_rewards(names: list[str]) -> None:
+    """Every --reward name builds as the run will build it (typo, empty, a reward that needs parameters, a user
+    function that does not import), before any work."""
+    if not names:
+        return
+    from tunekit.rewards.registry import RewardSet
+
+    for name in names:
+        if not name.strip():
+            raise TunekitError("--reward: empty name (e.g. --reward math_answer)")
+    try:
+        RewardSet.from_specs([{"name": name} for name in names])
+    except TunekitError as exc:
+        raise TunekitError(f"--reward: {str(exc).split(': ', 1)[-1]}") from None
 
 
 def check_options(req: EvalRequest) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.errors import TunekitError
-from tunekit.evaluation.command import EvalRequest, check_options
+from tunekit.evaluation.command import EvalRequest, check_options, check_rewards
 from tunekit.paths import resolve_path, resolve_recipe_paths, resolve_shipped_recipe
 from tunekit.pipeline.spec import COMMAND_KEYS, EVAL_MODEL_KEYS, TRAINING_COMMANDS, PipelineSpec, StageSpec
 
@@ -414,17 +414,10 @@ def _eval_stage(spec: PipelineSpec, st: StageSpec) -> Resolved:
     reward = opts.get("reward")
     if isinstance(reward, str):
         opts["reward"] = reward = [reward]
-    for name in reward or []:
-        from tunekit.rewards.registry import RewardSpec
-
-        try:
-            RewardSpec(name=name)
-        except TunekitError as exc:
-            raise spec.fail(st.name, f"reward: {exc}", "reward") from None
-        except ValueError as exc:  # pydantic: the reward's own message is the first error's
-            errors = getattr(exc, "errors", lambda: [])()
-            msg = errors[0]["msg"].removeprefix("Value error, ") if errors else str(exc).splitlines()[0]
-            raise spec.fail(st.name, f"reward: {msg}", "reward") from None
+    try:
+        check_rewards(reward or [])
+    except TunekitError as exc:
+        raise _option_error(spec, st, exc) from None
     res.options = opts
     return res
 
