@@ -67,8 +67,6 @@ def _full_logps(model, input_ids, attention_mask, answer_mask):
 def test_kto_step0_loss_is_the_formula_with_the_batch_kl_estimate(tmp_path, tiny_model_dir, unpaired_file):
     """loss = mean[λ_D (1 − σ(β(r − z₀))) | λ_U (1 − σ(β(z₀ − r)))], r = log π − log π_ref of the answer,
     z₀ = max(0, mean(log π − log π_ref) of each prompt with its batch neighbour's answer)."""
-    from trl.trainer.utils import use_adapter
-
     from tunekit.stages.kto import KTOStage
 
     beta, w_d, w_u = 0.5, 1.3, 0.7
@@ -76,8 +74,15 @@ def test_kto_step0_loss_is_the_formula_with_the_batch_kl_estimate(tmp_path, tiny
                      f"kto.undesirable_weight={w_u}")
     trainer, _ = _trainer(KTOStage(), recipe, tmp_path)
     model = trainer.model
-    assert trainer.ref_model is None and "ref" in model.peft_config  # the reference: a frozen initial adapter
+    # the reference of a fresh LoRA: the model with its adapters disabled (no "ref" copy), exactly the start model
+    assert trainer.ref_model is None and "ref" not in model.peft_config
     batch = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        start, _ = _full_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        with model.disable_adapter():
+            disabled, _ = _full_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    assert torch.allclose(start, disabled, atol=1e-9)
     labels = batch["label"].bool()
     assert labels.any() and (~labels).any(), "the batch should hold both kinds"
     # the KL sequences pair each prompt with the previous record's answer
@@ -93,7 +98,7 @@ def test_kto_step0_loss_is_the_formula_with_the_batch_kl_estimate(tmp_path, tiny
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         pol, _ = _full_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         pol_kl, _ = _full_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
-        with use_adapter(model, "ref"):
+        with model.disable_adapter():
             ref, _ = _full_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
             ref_kl, _ = _full_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"],
                                     batch["KL_completion_mask"])

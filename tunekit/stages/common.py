@@ -24,6 +24,13 @@ from tunekit.run.callbacks import FiniteGuardCallback, MetricsCallback, Progress
 from tunekit.run.plot import plot_loss
 from tunekit.run.rundir import RunDir, check_resume, default_output
 
+#: adapter methods whose model TRL sees as a PEFT model: a reference can be TRL's frozen copy of the initial
+#: adapter ("ref") on the shared base
+PEFT_METHODS = ("lora", "dora", "pissa", "milora")
+#: of those, the ones whose fresh adapter adds exactly zero (B = 0) to an unchanged base: with the adapters
+#: disabled the model IS the start model (a chained run's fold included), so no "ref" copy is needed
+ZERO_START_METHODS = ("lora", "dora")
+
 
 @dataclass
 class StageData:

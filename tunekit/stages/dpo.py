@@ -19,8 +19,7 @@ from tunekit.stages import common
 from tunekit.stages.preference import PreferenceStage
 from tunekit.stages.runner import Context, run_stage
 
-#: methods that are PEFT models, whose initial adapter TRL copies into a frozen "ref" adapter
-PEFT_METHODS = ("lora", "dora", "pissa", "milora")
+PEFT_METHODS = common.PEFT_METHODS
 
 
 def uses_precomputed_reference(recipe: Recipe) -> bool:

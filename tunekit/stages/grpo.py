@@ -25,8 +25,7 @@ from tunekit.config.schema import Recipe
 from tunekit.stages import common
 from tunekit.stages.runner import Context, Stage, StageData, run_stage
 
-#: methods whose model TRL sees as a PEFT model (reference: TRL's frozen copy of the initial adapter)
-PEFT_METHODS = ("lora", "dora", "pissa", "milora")
+PEFT_METHODS = common.PEFT_METHODS
 
 
 def install_reference(trainer: Any, reference: Any, beta: float) -> None:
