@@ -3,10 +3,11 @@ data, LoRA, steps, batch, side by side in one run, each path in its own process.
 over the training loop (on_train_begin → on_train_end in both) and the process's peak RSS (os.wait4).
 
 Methods: dpo, kto, orpo, simpo, cpo (preference pairs; kto takes each pair as two records, so it gets 2 x batch
-records), grpo, rloo (math prompts, `--generations` x `--completion-length` tokens), distill (the model distilled
-into a copy of itself, fully on-policy, so the teacher costs the same in both paths).
+records), grpo, gspo (grpo with the sequence-level ratio), rloo (math prompts, `--generations` x
+`--completion-length` tokens), distill (the model distilled into a copy of itself, fully on-policy, so the teacher
+costs the same in both paths).
 
-    .venv/bin/python bench/align_throughput.py [--stages dpo grpo kto orpo simpo cpo rloo distill] [--steps 8]
+    .venv/bin/python bench/align_throughput.py [--stages dpo grpo gspo kto orpo simpo cpo rloo distill] [--steps 8]
                                                [--plain-dtype float32|bfloat16]
 """
 
@@ -26,17 +27,19 @@ from sft_throughput import run_measured  # noqa: E402
 
 ALIGN = ROOT / "tunekit/assets/align"
 PAIRS, MATH, DEMO = ALIGN / "pref_train.jsonl", ALIGN / "math_train.jsonl", ROOT / "tunekit/assets/demo/train.jsonl"
-DATA = {"dpo": PAIRS, "kto": PAIRS, "orpo": PAIRS, "simpo": PAIRS, "cpo": PAIRS, "grpo": MATH, "rloo": MATH,
-        "distill": DEMO}
-COMMAND = {"cpo": "simpo"}  # cpo is `tunekit simpo` with simpo.variant=cpo
+DATA = {"dpo": PAIRS, "kto": PAIRS, "orpo": PAIRS, "simpo": PAIRS, "cpo": PAIRS, "grpo": MATH, "gspo": MATH,
+        "rloo": MATH, "distill": DEMO}
+COMMAND = {"cpo": "simpo", "gspo": "grpo"}  # cpo: simpo.variant=cpo; gspo: grpo with a sequence-level ratio
 
 
 def method_sets(method: str, args) -> list[str]:
     """The method's own --set keys, matching the plain script's settings."""
-    sampled = [f"{method}.max_completion_length={args.completion_length}"]
-    if method in ("grpo", "rloo"):
-        return sampled + [f"{method}.num_generations={args.generations}", f"{method}.beta=0",
-                          f"{method}.log_completions_steps=0", "rewards=[{name: math_answer}]"]
+    section = COMMAND.get(method, method)
+    sampled = [f"{section}.max_completion_length={args.completion_length}"]
+    if method in ("grpo", "gspo", "rloo"):
+        sequence = ["grpo.importance_sampling_level=sequence", "grpo.loss_type=grpo"] if method == "gspo" else []
+        return sampled + sequence + [f"{section}.num_generations={args.generations}", f"{section}.beta=0",
+                                     f"{section}.log_completions_steps=0", "rewards=[{name: math_answer}]"]
     if method == "distill":
         return sampled + [f"distill.teacher={args.model}", "distill.lambda=1", "distill.beta=0.5"]
     return ["simpo.variant=cpo"] if method == "cpo" else []

@@ -2,6 +2,7 @@
 as a user would without tunekit, with tunekit's recipe defaults for the method's own keys:
 
 - dpo: DPOTrainer (β 0.1); grpo / rloo: GRPOTrainer / RLOOTrainer (β 0, the last number of the answer as reward);
+  gspo: GRPOTrainer with importance_sampling_level="sequence", loss_type="grpo" (GSPO's objective);
 - kto: KTOTrainer (β 0.1) on the pairs split into desirable / undesirable records (trl.data_utils);
 - orpo, simpo, cpo: trl.experimental's ORPOTrainer (λ 0.1) and CPOTrainer (simpo: β 2.0, γ 1.0; cpo: β 0.1, α 1.0);
 - distill: DistillationTrainer (on-policy, β 0.5), the model distilled into a copy of itself.
@@ -26,7 +27,7 @@ from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-METHODS = ("dpo", "grpo", "kto", "orpo", "simpo", "cpo", "rloo", "distill")
+METHODS = ("dpo", "grpo", "gspo", "kto", "orpo", "simpo", "cpo", "rloo", "distill")
 
 
 class LoopTimer(TrainerCallback):
@@ -92,11 +93,13 @@ def trainer_for(method: str, args, model, tok, timer: LoopTimer):
                 else dict(loss_type="sigmoid", beta=0.1, cpo_alpha=1.0))
         return CPOTrainer(args=CPOConfig(**common, **loss, max_length=args.max_length),
                           train_dataset=as_pairs(data), **kw)
-    if method == "grpo":
+    if method in ("grpo", "gspo"):
         from trl import GRPOConfig, GRPOTrainer
 
+        gspo = dict(importance_sampling_level="sequence", loss_type="grpo") if method == "gspo" else {}
         return GRPOTrainer(reward_funcs=[last_number_reward], train_dataset=as_prompts(data, "prompt"),
-                           args=GRPOConfig(**common, **sampled, num_generations=args.generations, beta=0.0), **kw)
+                           args=GRPOConfig(**common, **sampled, num_generations=args.generations, beta=0.0, **gspo),
+                           **kw)
     if method == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
