@@ -32,6 +32,13 @@ PEFT_METHODS = ("lora", "dora", "pissa", "milora")
 ZERO_START_METHODS = ("lora", "dora")
 
 
+def uses_precomputed_reference(recipe: Recipe, section: Any) -> bool:
+    """dpo / kto (`section`: recipe.dpo / recipe.kto): the reference log-probs are computed once before training
+    when the section asks for it, or when the model is no PEFT model (LoRA-XS, SVFT, full fine-tuning: no adapter
+    to disable or copy)."""
+    return section.precompute_ref_log_probs or recipe.adapter.method not in PEFT_METHODS
+
+
 @dataclass
 class StageData:
     """What a stage's data step hands to its trainer: datasets, counts for the log/card, prompts for samples."""

@@ -19,12 +19,6 @@ from tunekit.stages import common
 from tunekit.stages.preference import PreferenceStage
 from tunekit.stages.runner import Context, run_stage
 
-PEFT_METHODS = common.PEFT_METHODS
-
-
-def uses_precomputed_reference(recipe: Recipe) -> bool:
-    return recipe.dpo.precompute_ref_log_probs or recipe.adapter.method not in PEFT_METHODS
-
 
 class DPOStage(PreferenceStage):
     name = "dpo"
@@ -43,7 +37,7 @@ class DPOStage(PreferenceStage):
             loss_type=r.dpo.loss_types,
             loss_weights=r.dpo.loss_weights,
             label_smoothing=r.dpo.label_smoothing,
-            precompute_ref_log_probs=uses_precomputed_reference(r),
+            precompute_ref_log_probs=common.uses_precomputed_reference(r, r.dpo),
             max_length=r.data.max_length,
             truncation_mode=r.dpo.truncation_mode,
             disable_dropout=True,
@@ -51,7 +45,8 @@ class DPOStage(PreferenceStage):
         return self.trl_trainer(ctx, DPOTrainer, args, ref_model=None)
 
     def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
-        return {"reference": "precomputed log-probs of the start model" if uses_precomputed_reference(ctx.recipe)
+        precomputed = common.uses_precomputed_reference(ctx.recipe, ctx.recipe.dpo)
+        return {"reference": "precomputed log-probs of the start model" if precomputed
                 else "frozen copy of the initial adapter on the shared base"}
 
 

@@ -25,8 +25,6 @@ from tunekit.config.schema import Recipe
 from tunekit.stages import common
 from tunekit.stages.runner import Context, Stage, StageData, run_stage
 
-PEFT_METHODS = common.PEFT_METHODS
-
 
 def install_reference(trainer: Any, reference: Any, beta: float) -> None:
     """Give a trainer built with beta=0 (so TRL loads no reference of its own) our frozen `reference` and the
@@ -137,7 +135,7 @@ class GRPOStage(PromptStage):
         from tunekit.rewards import RewardTracker
 
         r, g = ctx.recipe, ctx.recipe.grpo
-        own_reference = g.beta > 0 and r.adapter.method not in PEFT_METHODS
+        own_reference = g.beta > 0 and r.adapter.method not in common.PEFT_METHODS
         rewards = self.rewards
         funcs, weights = rewards.funcs, rewards.weights
         args = common.training_arguments(

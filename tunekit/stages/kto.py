@@ -21,13 +21,9 @@ from typing import Any
 from tunekit.config.schema import Recipe
 from tunekit.console import console
 from tunekit.stages import common
-from tunekit.stages.common import PEFT_METHODS, ZERO_START_METHODS
+from tunekit.stages.common import ZERO_START_METHODS, uses_precomputed_reference
 from tunekit.stages.preference import drop_unfit
 from tunekit.stages.runner import Context, Stage, StageData, run_stage
-
-
-def uses_precomputed_reference(recipe: Recipe) -> bool:
-    return recipe.kto.precompute_ref_log_probs or recipe.adapter.method not in PEFT_METHODS
 
 
 def weight_advice(n_desirable: int, n_undesirable: int, w_d: float, w_u: float) -> str | None:
@@ -99,7 +95,7 @@ class KTOStage(Stage):
             desirable_weight=r.kto.desirable_weight,
             undesirable_weight=r.kto.undesirable_weight,
             loss_type=r.kto.loss_type,
-            precompute_ref_log_probs=uses_precomputed_reference(r),
+            precompute_ref_log_probs=uses_precomputed_reference(r, r.kto),
             max_length=r.data.max_length,
             disable_dropout=True,
             train_sampling_strategy="sequential",  # the KL estimate pairs each record with its batch neighbour
@@ -121,7 +117,8 @@ class KTOStage(Stage):
         P[β r(x, y_c) > β r(x, y_r)] against the start model (as `tunekit eval` measures it)."""
         metrics = super().evaluate(ctx, trainer)
         pairs = ctx.data.extra.get("eval_pairs") or []
-        if pairs and hasattr(ctx.model, "disable_adapter") and not uses_precomputed_reference(ctx.recipe):
+        precomputed = uses_precomputed_reference(ctx.recipe, ctx.recipe.kto)
+        if pairs and hasattr(ctx.model, "disable_adapter") and not precomputed:
             from trl.trainer.utils import use_adapter
 
             from tunekit.evaluation.preference import dpo_accuracy
@@ -135,7 +132,7 @@ class KTOStage(Stage):
         return metrics
 
     def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
-        if uses_precomputed_reference(ctx.recipe):
+        if uses_precomputed_reference(ctx.recipe, ctx.recipe.kto):
             return {"reference": "precomputed log-probs of the start model"}
         if ctx.recipe.adapter.method in ZERO_START_METHODS:
             return {"reference": "the start model: the shared base with the adapters disabled"}

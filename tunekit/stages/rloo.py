@@ -22,7 +22,7 @@ from typing import Any
 
 from tunekit.config.schema import Recipe
 from tunekit.stages import common
-from tunekit.stages.grpo import PEFT_METHODS, CompletionsCallback, GRPOStage, install_reference
+from tunekit.stages.grpo import CompletionsCallback, GRPOStage, install_reference
 from tunekit.stages.runner import Context, run_stage
 
 
@@ -40,7 +40,7 @@ class RLOOStage(GRPOStage):
         from tunekit.rewards import RewardTracker
 
         r, o = ctx.recipe, ctx.recipe.rloo
-        own_reference = o.beta > 0 and r.adapter.method not in PEFT_METHODS
+        own_reference = o.beta > 0 and r.adapter.method not in common.PEFT_METHODS
         args = common.training_arguments(
             r, ctx.run, RLOOConfig,
             num_generations=o.num_generations,
@@ -76,7 +76,7 @@ class RLOOStage(GRPOStage):
     def finish_card(self, ctx: Context, trainer: Any) -> dict[str, Any]:
         o, method = ctx.recipe.rloo, ctx.recipe.adapter.method
         reference = ("none (rloo.beta 0)" if o.beta == 0 else
-                     "frozen copy of the initial adapter on the shared base" if method in PEFT_METHODS else
+                     "frozen copy of the initial adapter on the shared base" if method in common.PEFT_METHODS else
                      "frozen copy of the start model")
         return {"rloo": {"num_generations": o.num_generations, "beta": o.beta, "reference": reference}}
 
