@@ -302,11 +302,11 @@ def test_eval_of_an_sft_run_on_pairs_is_logprob_accuracy_without_beta(chained_ru
     assert 0 <= lo <= doc["metrics"]["logprob_accuracy"]["value"] <= hi <= 1 and not math.isnan(lo)
 
 
-def test_evaluate_target_returns_the_eval_json_document(tiny_model_dir):
+def test_run_eval_returns_the_eval_json_document(tiny_model_dir):
     """The function the pipeline's eval stage calls gives the same document as `tunekit eval -o`."""
-    from tunekit.evaluation.runs import evaluate_target
+    from tunekit.evaluation.command import EvalRequest, run_eval
 
-    doc = evaluate_target(str(tiny_model_dir), DEMO, limit=3, generate=False)
+    doc = run_eval(EvalRequest(str(tiny_model_dir), data=DEMO, limit=3, generate=False))
     assert doc["schema"] == "tunekit-eval/1" and doc["mode"] == "perplexity" and doc["n"] == 3
     assert doc["metrics"]["perplexity"]["value"] == pytest.approx(math.exp(doc["metrics"]["loss"]["value"]))
     assert "exact_match" not in doc["metrics"] and doc["settings"]["data"] == DEMO

@@ -359,7 +359,7 @@ def test_simpo_command_reports_held_out_preference_accuracy(tmp_path, tiny_model
 def test_orpo_and_cpo_runs_evaluate(tmp_path, tiny_model_dir, pref_file, stage, extra):
     import importlib
 
-    from tunekit.evaluation.runs import evaluate_target
+    from tunekit.evaluation.command import EvalRequest, run_eval
 
     run = getattr(importlib.import_module(f"tunekit.stages.{stage}"), f"run_{stage}")
     result = run(load_recipe(None, [f"model.name={tiny_model_dir}", f"data.train={pref_file}",
@@ -368,7 +368,7 @@ def test_orpo_and_cpo_runs_evaluate(tmp_path, tiny_model_dir, pref_file, stage, 
                             defaults={"stage": stage}))
     assert (result.path / "adapter/adapter_model.safetensors").is_file() and (result.path / "samples.jsonl").is_file()
     assert "eval_rewards/accuracies" in result.metrics
-    ev = evaluate_target(str(result.path), str(pref_file))
+    ev = run_eval(EvalRequest(str(result.path), data=str(pref_file)))
     assert ev["settings"]["stage"] == stage and 0 <= ev["metrics"]["preference_accuracy"]["value"] <= 1
     assert ev["settings"]["reward"] == ("summed log-prob" if extra else "mean token log-prob")
 

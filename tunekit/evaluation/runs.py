@@ -263,16 +263,3 @@ def evaluate_judge(target: str, baseline: str, judge: str, records: list[Any], b
                         {"judge": judge, "judge_template": template_name, "questions": questions,
                          "max_new_tokens": max_new_tokens}, warnings)
     return measured, rows
-
-
-def evaluate_target(target: str, data: str, base: str | None = None, limit: int | None = None,
-                    max_length: int = 1024, max_new_tokens: int = 64, batch_size: int = 8, generate: bool = True,
-                    rewards: list[str] | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """The eval.json document of one target on a data file (no baseline, nothing printed or written): the data
-    mode of `run_eval` as a library call."""
-    from tunekit.evaluation import report
-
-    m = evaluate_data(target, read_records(data, limit), base, max_length, max_new_tokens, batch_size, generate,
-                      rewards, trust_remote_code)
-    return report.document(m.mode, m.measures, target, m.metrics, m.n, settings={**m.settings, "data": data},
-                           details=m.details)

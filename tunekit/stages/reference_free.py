@@ -14,7 +14,7 @@ from typing import Any
 from tunekit.config.schema import Recipe
 from tunekit.console import console
 from tunekit.stages import common
-from tunekit.stages.preference import PreferenceStage, all_dropped
+from tunekit.stages.preference import RULES, PreferenceStage, all_dropped
 from tunekit.stages.runner import Context, StageData
 
 
@@ -46,7 +46,7 @@ class ReferenceFreeStage(PreferenceStage):
         n = recipe.data.max_length
         train, dropped = tokenize_pairs(tok, list(data.train), n)
         evals, dropped_eval = tokenize_pairs(tok, list(data.eval), n) if data.eval is not None else ([], 0)
-        why = "the prompt alone fills it, leaving no answer token to learn from"
+        why = RULES["prompt"][1]  # the same rule as dpo/kto: no answer token within max_length
         if not train:
             raise all_dropped(recipe, "train", dropped, "preference pair", why)
         if dropped_eval and not evals:
